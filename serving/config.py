@@ -1,0 +1,207 @@
+"""The YAML configuration, validated into typed models.
+
+A bad file is refused with the file, the key path and the reason (`ConfigError`), never a
+traceback. Config models forbid unknown keys, so a typo is an error rather than a silent default.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from serving import bundled
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+BUILTIN_CHAT_TEMPLATES = ("plain",)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplingDefaults(_Model):
+    """Used where a request leaves a field out (vLLM's generation-config defaults, explicit)."""
+
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    """None: up to the context window."""
+
+
+class TransformersExpertConfig(_Model):
+    engine: Literal["transformers"] = "transformers"
+    model: str
+    """`bundled:<name>`, a local folder (relative to the config file), or a hub id."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """float32 is fastest on most CPUs; bfloat16 halves memory."""
+    device: str = "cpu"
+    max_model_len: Annotated[int, Field(ge=16)] | None = None
+    """Context window in tokens; defaults to the model's own."""
+    chat_template: str | None = None
+    """None: the tokenizer's own; `plain` (User:/Assistant: lines, for base models); or a file."""
+    stop: tuple[str, ...] = ()
+    """Stop strings always applied, besides the request's (e.g. "\\nUser:" for a base model)."""
+    defaults: SamplingDefaults = SamplingDefaults()
+
+
+ExpertConfig = TransformersExpertConfig
+
+
+class PoolConfig(_Model):
+    experts: Annotated[tuple[str, ...], Field(min_length=1)]
+    strategy: Literal["single"] = "single"
+    description: str = ""
+
+
+class RouterConfig(_Model):
+    embedder: str = "bundled:all-minilm-l6-v2"
+
+
+class ServerConfig(_Model):
+    max_n: Annotated[int, Field(ge=1, le=128)] = 8
+    """Largest `n` (samples per request) accepted."""
+    max_stop: Annotated[int, Field(ge=0, le=64)] = 8
+    max_top_logprobs: Annotated[int, Field(ge=0, le=20)] = 20
+
+
+class Config(_Model):
+    server: ServerConfig = ServerConfig()
+    experts: Annotated[dict[str, ExpertConfig], Field(min_length=1)]
+    router: RouterConfig = RouterConfig()
+    pools: dict[str, PoolConfig] = {}
+
+    @field_validator("experts", "pools")
+    @classmethod
+    def _names_are_model_ids(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not _NAME.match(name):
+                raise ValueError(f"{name!r} is not a usable model id (letters, digits, . _ : / -)")
+        return value
+
+
+class ConfigError(Exception):
+    """A config file that cannot be served; `str()` is the message for the operator."""
+
+    def __init__(self, file: Path | str, problems: list[tuple[str, str]]) -> None:
+        self.file = str(file)
+        self.problems = problems
+        lines = [f"{self.file}: {path or '<top>'}: {reason}" for path, reason in problems]
+        super().__init__("\n".join(lines))
+
+
+def load_config(path: Path | str) -> Config:
+    """Read, validate and cross-check a config file; raise `ConfigError` on any problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(path, [("", f"cannot read the file: {exc.strerror}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, [("", f"not valid YAML: {exc}")]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(path, [("", "expected a mapping with `experts` and `pools`")])
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = [(key_path(err["loc"]), err["msg"]) for err in exc.errors()]
+        raise ConfigError(path, problems) from None
+    problems = _cross_check(config, base_dir=path.parent)
+    if problems:
+        raise ConfigError(path, problems)
+    return _resolve_paths(config, base_dir=path.parent)
+
+
+def key_path(loc: Sequence[int | str]) -> str:
+    """A pydantic error location as a readable key path: `pools.auto.experts[1]`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not _is_type_tag(str(part)):
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _is_type_tag(part: str) -> bool:
+    # Pydantic adds the union member or validator it tried ("str", "list[...]", "function-after").
+    return part.startswith(("function-", "list[", "tagged-union[")) or part in ("str", "int")
+
+
+def _cross_check(config: Config, base_dir: Path) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for name in sorted(set(config.experts) & set(config.pools)):
+        problems.append((f"pools.{name}", "a pool cannot share its name with an expert"))
+    for name, expert in config.experts.items():
+        problem = _check_model_ref(expert.model, base_dir)
+        if problem:
+            problems.append((f"experts.{name}.model", problem))
+        template = expert.chat_template
+        if (
+            template is not None
+            and template not in BUILTIN_CHAT_TEMPLATES
+            and not (base_dir / template).is_file()
+        ):
+            problems.append(
+                (
+                    f"experts.{name}.chat_template",
+                    f"{template!r} is neither a built-in template "
+                    f"({', '.join(BUILTIN_CHAT_TEMPLATES)}) nor an existing file",
+                )
+            )
+    for pool_name, pool in config.pools.items():
+        for i, member in enumerate(pool.experts):
+            if member not in config.experts:
+                known = ", ".join(sorted(config.experts))
+                problems.append(
+                    (
+                        f"pools.{pool_name}.experts[{i}]",
+                        f"unknown expert {member!r} (known: {known})",
+                    )
+                )
+        if len(set(pool.experts)) != len(pool.experts):
+            problems.append((f"pools.{pool_name}.experts", "an expert is listed twice"))
+    problem = _check_model_ref(config.router.embedder, base_dir)
+    if problem:
+        problems.append(("router.embedder", problem))
+    return problems
+
+
+def _check_model_ref(ref: str, base_dir: Path) -> str | None:
+    if ref.startswith("bundled:"):
+        name = ref.removeprefix("bundled:")
+        if name not in bundled.BUNDLED:
+            return f"unknown bundled model {name!r} (known: {', '.join(sorted(bundled.BUNDLED))})"
+        return None
+    if ref.startswith((".", "/", "~")) and not (base_dir / Path(ref).expanduser()).is_dir():
+        return f"no such folder: {ref}"
+    return None
+
+
+def _resolve_paths(config: Config, base_dir: Path) -> Config:
+    """Make local folders and template files absolute, so the config no longer needs its file."""
+
+    def local(ref: str) -> str:
+        if ref.startswith((".", "/", "~")):
+            return str((base_dir / Path(ref).expanduser()).resolve())
+        return ref
+
+    experts = {
+        name: expert.model_copy(
+            update={
+                "model": local(expert.model),
+                "chat_template": (
+                    expert.chat_template
+                    if expert.chat_template in (None, *BUILTIN_CHAT_TEMPLATES)
+                    else str((base_dir / str(expert.chat_template)).resolve())
+                ),
+            }
+        )
+        for name, expert in config.experts.items()
+    }
+    router = config.router.model_copy(update={"embedder": local(config.router.embedder)})
+    return config.model_copy(update={"experts": experts, "router": router})

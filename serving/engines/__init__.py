@@ -1,0 +1,14 @@
+"""Engines run expert models. Heavy imports stay inside `build_engine`."""
+
+from __future__ import annotations
+
+from ensemble.engine import Engine
+from serving.config import ExpertConfig
+
+
+def build_engine(name: str, config: ExpertConfig) -> Engine:
+    if config.engine == "transformers":
+        from serving.engines.transformers import TransformersEngine
+
+        return TransformersEngine(name, config)
+    raise ValueError(f"unknown engine {config.engine!r}")

@@ -1,0 +1,60 @@
+"""Errors the gateway raises, each rendered as an OpenAI-shaped error with a matching status.
+
+GatewayError
+├── InvalidRequestError        400 invalid_request_error
+│   └── ContextLengthError     400 invalid_request_error, code context_length_exceeded
+├── ModelNotFoundError         404 model_not_found
+├── ServiceUnavailableError    503 service_unavailable (loading, shutting down)
+└── ExpertError                502 expert_error (an engine failed)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class GatewayError(Exception):
+    status_code: ClassVar[int] = 500
+    error_type: ClassVar[str] = "internal_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(GatewayError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthError(InvalidRequestError):
+    default_code = "context_length_exceeded"
+
+
+class ModelNotFoundError(GatewayError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "model_not_found"
+
+
+class ServiceUnavailableError(GatewayError):
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class ExpertError(GatewayError):
+    status_code = 502
+    error_type = "expert_error"

@@ -1,0 +1,54 @@
+"""Prometheus metrics, all `chorus_*`, owned by one object per app (never the global registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "chorus_requests",
+            "Chat requests finished, by pool (or expert) asked for, strategy and HTTP status.",
+            ["pool", "strategy", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "chorus_request_duration_seconds",
+            "Time from request arrival to the last byte of the response.",
+            ["pool", "strategy"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "chorus_time_to_first_token_seconds",
+            "Time from request arrival to the first generated text.",
+            ["pool", "strategy"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "chorus_tokens",
+            "Tokens processed per expert; kind is prompt or completion.",
+            ["expert", "kind"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "chorus_inflight_requests", "Chat requests being served now.", registry=r
+        )
+        self.expert_selected = Counter(
+            "chorus_expert_selected",
+            "Times an expert was chosen to work on a request, by pool.",
+            ["pool", "expert"],
+            registry=r,
+        )
+        self.expert_healthy = Gauge(
+            "chorus_expert_healthy",
+            "1 when the expert is loaded and serving, else 0.",
+            ["expert"],
+            registry=r,
+        )

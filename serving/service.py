@@ -1,0 +1,303 @@
+"""One chat request, from validated body to OpenAI response: route, run the strategy, shape output.
+
+No FastAPI here: `ChatService` returns dicts and SSE strings, so it is testable without HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from ensemble.types import (
+    ChatMessage,
+    EnsembleTrace,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+)
+from router.decision import RouteDecision
+from serving.errors import GatewayError, InvalidRequestError, ServiceUnavailableError
+from serving.gateway import Gateway, Target
+from serving.protocol import ChatCompletionRequest
+
+
+@dataclass(slots=True)
+class ChatCall:
+    """A request in flight: its identity, routing, timings and the stream it reads from."""
+
+    id: str
+    created: int
+    body: ChatCompletionRequest
+    target: Target
+    decision: RouteDecision
+    trace: EnsembleTrace
+    received: float  # time.perf_counter() at arrival
+    route_ms: float
+    overhead_ms: float
+    first: GenerationChunk
+    rest: AsyncGenerator[GenerationChunk, None]
+    first_token_at: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        return self.target.model_id, self.target.strategy.name
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "x-chorus-pool": self.target.model_id,
+            "x-chorus-strategy": self.target.strategy.name,
+            "x-chorus-experts": ",".join(self.trace.experts),
+            "x-chorus-overhead-ms": f"{self.overhead_ms:.2f}",
+            "x-request-id": self.id,
+        }
+
+    def chorus(self) -> dict[str, Any]:
+        return {
+            "pool": self.target.model_id,
+            "strategy": self.target.strategy.name,
+            "experts": list(self.trace.experts),
+            "cluster": self.decision.cluster,
+            "weights": list(self.trace.weights),
+            "timings": {
+                "route_ms": round(self.route_ms, 3),
+                "total_ms": round((time.perf_counter() - self.received) * 1000, 3),
+            },
+        }
+
+    def usage(self) -> dict[str, int]:
+        completion = sum(self.completion_tokens.values())
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+
+class ChatService:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.metrics = gateway.metrics
+
+    async def start(self, body: ChatCompletionRequest, received: float) -> ChatCall:
+        """Validate, route and start generating; raise `GatewayError` before any byte is sent."""
+        if not self.gateway.ready:
+            raise ServiceUnavailableError("Chorus is still loading its experts; retry shortly.")
+        target = self.gateway.target(body.model)
+        request = self._generation_request(body)
+        route_start = time.perf_counter()
+        decision = await target.router.route(request.messages)
+        route_ms = (time.perf_counter() - route_start) * 1000
+        experts = [self.gateway.engines[name] for name in decision.experts]
+        if not any(e.ready for e in experts):
+            raise ServiceUnavailableError(f"no expert of `{target.model_id}` is loaded")
+        trace = EnsembleTrace()
+        overhead_ms = (time.perf_counter() - received) * 1000
+        stream = target.strategy.run(request, [e for e in experts if e.ready], trace)
+        # Wait for real content before answering, so a failure up to here is a clean HTTP error.
+        try:
+            first = await anext(stream)
+        except BaseException:
+            await stream.aclose()
+            raise
+        for name in trace.experts:
+            self.metrics.expert_selected.labels(target.model_id, name).inc()
+        return ChatCall(
+            id=request.request_id,
+            created=int(time.time()),
+            body=body,
+            target=target,
+            decision=decision,
+            trace=trace,
+            received=received,
+            route_ms=route_ms,
+            overhead_ms=overhead_ms,
+            first=first,
+            rest=stream,
+        )
+
+    def _generation_request(self, body: ChatCompletionRequest) -> GenerationRequest:
+        limits = self.gateway.config.server
+        stop = body.stop_list()
+        if body.n > limits.max_n:
+            raise InvalidRequestError(f"`n` must be at most {limits.max_n}", param="n")
+        if len(stop) > limits.max_stop:
+            raise InvalidRequestError(
+                f"at most {limits.max_stop} stop sequences are allowed", param="stop"
+            )
+        if (body.top_logprobs or 0) > limits.max_top_logprobs:
+            raise InvalidRequestError(
+                f"`top_logprobs` must be at most {limits.max_top_logprobs}", param="top_logprobs"
+            )
+        params = SamplingParams(
+            max_tokens=body.completion_limit(),
+            temperature=body.temperature,
+            top_p=body.top_p,
+            n=body.n,
+            stop=tuple(stop),
+            seed=body.seed,
+            logprobs=body.logprobs,
+            top_logprobs=body.top_logprobs or 0,
+        )
+        messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
+        return GenerationRequest(f"chatcmpl-{uuid.uuid4().hex}", messages, params)
+
+    # -- reading the stream ------------------------------------------------------------------
+
+    async def _chunks(self, call: ChatCall) -> AsyncGenerator[GenerationChunk, None]:
+        async with aclosing(call.rest):
+            yield call.first
+            async for chunk in call.rest:
+                yield chunk
+
+    def _count(self, call: ChatCall, chunk: GenerationChunk) -> None:
+        call.prompt_tokens = chunk.prompt_tokens
+        call.completion_tokens[chunk.index] = call.completion_tokens.get(chunk.index, 0) + (
+            chunk.tokens
+        )
+        self.metrics.tokens.labels(chunk.expert, "completion").inc(chunk.tokens)
+        if call.first_token_at is None and chunk.text:
+            call.first_token_at = time.perf_counter()
+            self.metrics.time_to_first_token.labels(*call.labels).observe(
+                call.first_token_at - call.received
+            )
+
+    def _finish(self, call: ChatCall, status: int) -> None:
+        for expert in call.trace.experts[:1]:
+            self.metrics.tokens.labels(expert, "prompt").inc(call.prompt_tokens)
+        self.metrics.requests.labels(*call.labels, str(status)).inc()
+        self.metrics.request_duration.labels(*call.labels).observe(
+            time.perf_counter() - call.received
+        )
+
+    async def complete(self, call: ChatCall) -> dict[str, Any]:
+        """Read the whole stream into one `chat.completion` object."""
+        texts: dict[int, list[str]] = {}
+        logprobs: dict[int, list[dict[str, Any]]] = {}
+        finish: dict[int, str] = {}
+        try:
+            async for chunk in self._chunks(call):
+                self._count(call, chunk)
+                texts.setdefault(chunk.index, []).append(chunk.text)
+                logprobs.setdefault(chunk.index, []).extend(_logprob_json(chunk.logprobs))
+                if chunk.finish_reason:
+                    finish[chunk.index] = chunk.finish_reason
+        except GatewayError as exc:
+            self._finish(call, exc.status_code)
+            raise
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(texts.get(i, []))},
+                "logprobs": {"content": logprobs.get(i, [])} if call.body.logprobs else None,
+                "finish_reason": finish.get(i, "stop"),
+            }
+            for i in range(call.body.n)
+        ]
+        self._finish(call, 200)
+        return {
+            "id": call.id,
+            "object": "chat.completion",
+            "created": call.created,
+            "model": call.target.model_id,
+            "choices": choices,
+            "usage": call.usage(),
+            "chorus": call.chorus(),
+        }
+
+    async def stream(self, call: ChatCall) -> AsyncIterator[str]:
+        """SSE events: a role chunk per choice, content chunks, optional usage, then [DONE]."""
+        status = 200
+        try:
+            for i in range(call.body.n):
+                yield _sse(
+                    self._chunk(call, i, {"role": "assistant", "content": ""}, with_meta=True)
+                )
+            async for chunk in self._chunks(call):
+                self._count(call, chunk)
+                delta = {"content": chunk.text} if chunk.text else {}
+                yield _sse(
+                    self._chunk(
+                        call,
+                        chunk.index,
+                        delta,
+                        finish=chunk.finish_reason,
+                        logprobs=chunk.logprobs if call.body.logprobs else None,
+                        with_meta=chunk.finish_reason is not None,
+                    )
+                )
+            options = call.body.stream_options
+            if options is not None and options.include_usage:
+                yield _sse(self._envelope(call, [], usage=call.usage(), chorus=call.chorus()))
+        except GatewayError as exc:
+            # Bytes are out, so the status stays 200: report in-stream, then end normally.
+            status = exc.status_code
+            yield _sse(exc.to_dict())
+        finally:
+            self._finish(call, status)
+        yield "data: [DONE]\n\n"
+
+    def _chunk(
+        self,
+        call: ChatCall,
+        index: int,
+        delta: dict[str, Any],
+        *,
+        finish: str | None = None,
+        logprobs: tuple[TokenLogprob, ...] | None = None,
+        with_meta: bool = False,
+    ) -> dict[str, Any]:
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": {"content": _logprob_json(logprobs)} if logprobs is not None else None,
+            "finish_reason": finish,
+        }
+        return self._envelope(call, [choice], chorus=call.chorus() if with_meta else None)
+
+    def _envelope(
+        self,
+        call: ChatCall,
+        choices: list[dict[str, Any]],
+        *,
+        usage: dict[str, int] | None = None,
+        chorus: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": call.id,
+            "object": "chat.completion.chunk",
+            "created": call.created,
+            "model": call.target.model_id,
+            "choices": choices,
+        }
+        if usage is not None:
+            out["usage"] = usage
+        if chorus is not None:
+            out["chorus"] = chorus
+        return out
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _logprob_json(items: tuple[TokenLogprob, ...] | None) -> list[dict[str, Any]]:
+    return [
+        {
+            "token": item.token,
+            "logprob": item.logprob,
+            "bytes": list(item.token.encode("utf-8")),
+            "top_logprobs": [
+                {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode("utf-8"))}
+                for t in item.top
+            ],
+        }
+        for item in items or ()
+    ]
