@@ -1,0 +1,249 @@
+"""The real server on loopback, driven by the official `openai` SDK and plain HTTP."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ServerProcess
+
+pytestmark = pytest.mark.integration
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_plain_completion_with_routing_metadata(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=QUESTION, temperature=0, max_tokens=20
+    )
+    completion = raw.parse()
+    assert "Paris" in (completion.choices[0].message.content or "")
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+    chorus = completion.model_extra["chorus"]
+    assert chorus["pool"] == "auto" and chorus["strategy"] == "single"
+    assert chorus["experts"] == ["smollm2-135m-instruct"]
+    assert chorus["timings"]["total_ms"] >= chorus["timings"]["route_ms"] >= 0
+    assert raw.headers["x-chorus-pool"] == "auto"
+    assert raw.headers["x-chorus-strategy"] == "single"
+    assert raw.headers["x-chorus-experts"] == "smollm2-135m-instruct"
+    assert float(raw.headers["x-chorus-overhead-ms"]) >= 0
+
+
+def test_stream_with_usage_matches_the_plain_answer(client: openai.OpenAI) -> None:
+    plain = client.chat.completions.create(
+        model="auto", messages=QUESTION, temperature=0, max_tokens=20
+    )
+    stream = client.chat.completions.create(
+        model="auto",
+        messages=QUESTION,
+        temperature=0,
+        max_tokens=20,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    ids = {c.id for c in chunks}
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert len(ids) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert text == plain.choices[0].message.content
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens  # type: ignore[union-attr]
+    assert chunks[-1].model_extra["chorus"]["experts"] == ["smollm2-135m-instruct"]
+
+
+def test_gemma_streams_too(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="gemma3-270m", messages=QUESTION, temperature=0, max_tokens=12, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text.strip()
+
+
+def test_n_two(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="auto", messages=QUESTION, n=2, max_tokens=8, seed=5, temperature=1.0
+    )
+    assert [c.index for c in completion.choices] == [0, 1]
+    assert all(c.message.content for c in completion.choices)
+
+
+def test_n_two_streamed_keeps_choices_apart(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="auto", messages=QUESTION, n=2, max_tokens=8, temperature=0, stream=True
+    )
+    out = {0: "", 1: ""}
+    for chunk in stream:
+        for choice in chunk.choices:
+            out[choice.index] += choice.delta.content or ""
+    assert out[0] == out[1] != ""
+
+
+def test_stop(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="auto", messages=QUESTION, temperature=0, stop=["Paris"], max_tokens=20
+    )
+    assert completion.choices[0].message.content == "The capital of France is "
+    assert completion.choices[0].finish_reason == "stop"
+
+
+def test_max_tokens_one_finishes_with_length(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(model="auto", messages=QUESTION, max_tokens=1)
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage is not None and completion.usage.completion_tokens == 1
+
+
+def test_max_completion_tokens_is_honoured(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="auto", messages=QUESTION, max_completion_tokens=2, temperature=0
+    )
+    assert completion.usage is not None and completion.usage.completion_tokens == 2
+
+
+def test_logprobs(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="auto", messages=QUESTION, temperature=0, max_tokens=5, logprobs=True, top_logprobs=2
+    )
+    content = completion.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == completion.usage.completion_tokens  # type: ignore[union-attr]
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    assert "".join(t.token for t in content).startswith(completion.choices[0].message.content or "")
+
+
+def test_unknown_model_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-17", messages=QUESTION)
+    assert info.value.status_code == 404
+    assert info.value.code == "model_not_found"
+    assert "gpt-17" in info.value.message
+
+
+def test_empty_messages_is_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="auto", messages=[])
+    assert info.value.param == "messages"
+
+
+def test_models_lists_experts_and_pools(client: openai.OpenAI) -> None:
+    ids = {m.id for m in client.models.list()}
+    assert ids == {"auto", "smollm2-135m-instruct", "gemma3-270m"}
+
+
+HOSTILE = [
+    b"not json",
+    b"[]",
+    b"{}",
+    b'{"model": "auto"}',
+    b'{"model": "auto", "messages": "hello"}',
+    b'{"model": "auto", "messages": [{"role": "wizard", "content": "hi"}]}',
+    b'{"model": "auto", "messages": [{"role": "user", "content": 42}]}',
+    b'{"model": "auto", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
+    b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "n": 0}',
+    b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "n": 1000000}',
+    b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}',
+    b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 99999999}',
+    b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}',
+    b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}',
+    b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 5}',
+    b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "logprobs": true,'
+    b' "top_logprobs": 500}',
+    b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "stop": ["a","b","c",'
+    b'"d","e","f","g","h","i"]}',
+    b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "stream_options": {}}',
+    b'{"model": ["auto"], "messages": [{"role": "user", "content": "hi"}]}',
+    b'{"model": "auto", "messages": [{"role": "user", "content": "' + b"x " * 20000 + b'"}]}',
+    b"\xff\xfe\x00garbage",
+]
+
+
+def test_hostile_requests_get_openai_shaped_4xx_and_the_server_keeps_serving(
+    server: ServerProcess, client: openai.OpenAI
+) -> None:
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for body in HOSTILE:
+            response = http.post(
+                "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+            )
+            assert 400 <= response.status_code < 500, (body[:80], response.text)
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["message"]
+        assert http.get("/v1/nowhere").json()["error"]["type"] == "not_found_error"
+        assert http.put("/v1/chat/completions").status_code == 405
+    completion = client.chat.completions.create(model="auto", messages=QUESTION, max_tokens=2)
+    assert completion.choices[0].message.content
+
+
+def test_metrics_parse_and_count_requests(server: ServerProcess, client: openai.OpenAI) -> None:
+    client.chat.completions.create(model="auto", messages=QUESTION, max_tokens=2)
+    text = httpx.get(f"{server.url}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in [
+        "chorus_requests",
+        "chorus_request_duration_seconds",
+        "chorus_time_to_first_token_seconds",
+        "chorus_tokens",
+        "chorus_inflight_requests",
+        "chorus_expert_selected",
+        "chorus_expert_healthy",
+    ]:
+        assert name in families, name
+
+    def value(family: str, sample: str, **labels: str) -> float:
+        return sum(
+            s.value
+            for s in families[family].samples
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+    assert value("chorus_requests", "chorus_requests_total", pool="auto", status="200") >= 1
+    assert value("chorus_requests", "chorus_requests_total", status="404") >= 1
+    assert (
+        value(
+            "chorus_tokens",
+            "chorus_tokens_total",
+            expert="smollm2-135m-instruct",
+            kind="completion",
+        )
+        >= 2
+    )
+    assert (
+        value(
+            "chorus_expert_selected",
+            "chorus_expert_selected_total",
+            pool="auto",
+            expert="smollm2-135m-instruct",
+        )
+        >= 1
+    )
+    assert value("chorus_expert_healthy", "chorus_expert_healthy", expert="gemma3-270m") == 1
+    assert value("chorus_inflight_requests", "chorus_inflight_requests") == 0
+    assert (
+        value(
+            "chorus_request_duration_seconds", "chorus_request_duration_seconds_count", pool="auto"
+        )
+        >= 1
+    )
+
+
+def test_health_is_ok_once_loaded(server: ServerProcess) -> None:
+    response = httpx.get(f"{server.url}/health")
+    assert response.status_code == 200
+    assert json.loads(response.text)["experts"] == {
+        "smollm2-135m-instruct": True,
+        "gemma3-270m": True,
+    }

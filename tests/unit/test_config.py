@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serving.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path: Path) -> None:
+    config = load_config(path)
+    assert config.experts
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "chorus.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        ("experts: {a: {model: bundled:x}}\n", "experts.a.model", "unknown bundled model 'x'"),
+        ("experts: {a: {model: bundled:gemma3-270m, colour: red}}\n", "experts.a.colour", "Extra"),
+        ("experts: {a: {model: bundled:gemma3-270m, dtype: f64}}\n", "experts.a.dtype", "float32"),
+        (
+            "experts: {a: {model: bundled:gemma3-270m}}\npools: {p: {experts: [a, b]}}\n",
+            "pools.p.experts[1]",
+            "unknown expert 'b'",
+        ),
+        ("experts: {a: {model: ./nowhere}}\n", "experts.a.model", "no such folder"),
+        (
+            "experts: {a: {model: bundled:gemma3-270m, chat_template: fancy}}\n",
+            "experts.a.chat_template",
+            "neither a built-in template",
+        ),
+        (
+            "experts: {a: {model: bundled:gemma3-270m}}\npools: {a: {experts: [a]}}\n",
+            "pools.a",
+            "share its name",
+        ),
+        ("experts: {}\n", "experts", "at least 1"),
+        ("experts: [oops\n", "<top>", "not valid YAML"),
+    ],
+)
+def test_bad_config_names_file_key_and_reason(
+    tmp_path: Path, text: str, key: str, reason: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert f"{path}: {key}: " in message
+    assert reason in message
+
+
+def test_relative_model_folder_resolves_against_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    path = write(tmp_path, "experts: {a: {model: ./models/m}}\n")
+    assert load_config(path).experts["a"].model == str(tmp_path / "models" / "m")
+
+
+def test_serve_refuses_a_bad_config_with_exit_2_and_no_traceback(tmp_path: Path) -> None:
+    path = write(tmp_path, "experts: {a: {model: bundled:gemma3-270m, engine: vllm2}}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "serving", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert f"{path}: experts.a.engine: " in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_config_file_is_refused(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "serving", "check-config", "--config", str(tmp_path / "no.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "cannot read the file" in done.stderr
