@@ -95,11 +95,15 @@ def create_app(config: Config, *, engines: Mapping[str, Engine] | None = None) -
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        experts = {name: engine.ready for name, engine in gateway.engines.items()}
+        body: dict[str, Any] = {
+            "experts": {name: engine.ready for name, engine in gateway.engines.items()}
+        }
+        if gateway.load_errors:
+            body["errors"] = gateway.load_errors
         if gateway.ready:
-            return JSONResponse({"status": "ok", "experts": experts})
+            return JSONResponse({"status": "ok", **body})
         status = "loading" if gateway.loading else "unavailable"
-        return JSONResponse({"status": status, "experts": experts}, status_code=503)
+        return JSONResponse({"status": status, **body}, status_code=503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ensemble.types import (
     FinishReason,
@@ -35,6 +37,10 @@ from serving.errors import ContextLengthError, ExpertError, ServiceUnavailableEr
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# transformers resolves names lazily and not thread-safely: two engines loading at once on their
+# worker threads failed with "cannot import name 'AutoModelForCausalLM'". Loads take turns.
+_LOAD_LOCK = threading.Lock()
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,11 +90,12 @@ class TransformersEngine:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _load(self) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        path = resolve_model_path(self.config.model)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[self.config.dtype])
+        with _LOAD_LOCK:
+            path = resolve_model_path(self.config.model)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model: Any = AutoModelForCausalLM.from_pretrained(
+                path, dtype=_DTYPES[self.config.dtype]
+            )
         model.to(self.config.device).eval()
         template = load_chat_template(self.config.chat_template)
         if template is None and not tokenizer.chat_template:
