@@ -42,9 +42,7 @@ def generate_run(engine: TransformersEngine, req: GenerationRequest, tokens: int
     ids = torch.tensor([engine.encode_prompt(req)])
     started = time.perf_counter()
     with torch.inference_mode():
-        engine._model.generate(
-            ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False
-        )
+        engine._model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
     return time.perf_counter() - started
 
 
