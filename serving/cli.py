@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from router.artifact import ArtifactError
 from serving.config import Config, ConfigError, load_config
 
 EXIT_CONFIG = 2
@@ -39,6 +40,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--tokens", default=64, type=int, help="tokens generated per prompt")
     bench.add_argument("--repeats", default=3, type=int)
 
+    dataset = commands.add_parser(
+        "dataset", help="write the project's labeled question set (calibration and test splits)"
+    )
+    dataset.add_argument("--out-dir", type=Path, default=Path("configs/data"))
+    dataset.add_argument("--seed", type=int, default=0)
+
+    calib = commands.add_parser(
+        "calibrate", help="grade a pool's experts on labeled questions -> calibration records"
+    )
+    calib.add_argument("--config", required=True, type=Path)
+    calib.add_argument("--pool", required=True)
+    calib.add_argument("--data", required=True, type=Path, help="labeled JSONL")
+    calib.add_argument("--out", required=True, type=Path, help="calibration JSONL")
+    calib.add_argument("--max-tokens", type=int, default=48)
+
+    router = commands.add_parser("router", help="fit routers").add_subparsers(
+        dest="router_command", required=True
+    )
+    fit = router.add_parser("fit", help="fit a pool's router from calibration records")
+    fit.add_argument("--config", required=True, type=Path)
+    fit.add_argument("--pool", required=True)
+    fit.add_argument("--data", required=True, type=Path, help="calibration JSONL")
+    fit.add_argument("--out", required=True, type=Path, help="artifact folder to write")
+    fit.add_argument("--clusters", type=int, default=64)
+    fit.add_argument("--holdout", type=float, default=0.2)
+    fit.add_argument("--seed", type=int, default=0)
+
+    route = commands.add_parser("route", help="route queries with a fitted artifact; JSON lines")
+    route.add_argument("--config", required=True, type=Path)
+    route.add_argument("--pool", required=True)
+    route.add_argument("--artifact", type=Path, help="default: the pool's own")
+    route.add_argument("--query", required=True, action="append", dest="queries")
+
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -46,7 +80,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "prepare":
             return _prepare(load_config(args.config) if args.config else None)
-        config = load_config(args.config)
+        if args.command == "dataset":
+            return _dataset(args.out_dir, args.seed)
+        # The commands that make router artifacts must not require them to exist already.
+        making = args.command in ("calibrate", "router", "route")
+        config = load_config(args.config, check_artifacts=not making)
+        if making and args.pool not in config.pools:
+            known = ", ".join(sorted(config.pools)) or "none"
+            print(
+                f"chorus: {args.config} has no pool {args.pool!r} (pools: {known})", file=sys.stderr
+            )
+            return EXIT_CONFIG
         if args.command == "check-config":
             print(f"{args.config}: ok ({len(config.experts)} experts, {len(config.pools)} pools)")
             return 0
@@ -54,10 +98,98 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(config, args.host, args.port)
         if args.command == "bench":
             return asyncio.run(_bench(config, args.tokens, args.repeats))
+        if args.command == "calibrate":
+            from serving.calibrate import calibrate, print_summary
+
+            print_summary(
+                asyncio.run(
+                    calibrate(config, args.pool, args.data, args.out, max_tokens=args.max_tokens)
+                )
+            )
+            return 0
+        if args.command == "router":
+            return _fit(config, args)
+        if args.command == "route":
+            return _route(config, args.pool, args.artifact, args.queries)
     except ConfigError as exc:
         print(f"chorus: invalid config\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except (ValueError, ArtifactError) as exc:
+        print(f"chorus: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return 1
+
+
+def _dataset(out_dir: Path, seed: int) -> int:
+    from serving.datasets import generate, write_jsonl
+
+    for split, records in generate(seed).items():
+        path = out_dir / f"{split}.jsonl"
+        write_jsonl(path, records)
+        print(f"{path}: {len(records)} questions")
+    return 0
+
+
+def _fit(config: Config, args: argparse.Namespace) -> int:
+    from router import artifact
+    from router.calibration import fit_router, load_calibration
+    from serving.gateway import load_embedder
+
+    experts = config.pools[args.pool].experts
+    data = load_calibration(args.data, experts)
+    embedder = load_embedder(config.router.embedder)
+    router, stats = fit_router(
+        data, embedder, n_clusters=args.clusters, holdout=args.holdout, seed=args.seed
+    )
+    stats["data"] = str(args.data)
+    artifact.save(args.out, router, embedder=embedder.name, dim=embedder.dim, stats=stats)
+    report = stats["holdout"]
+    print(
+        f"{args.out}: {len(router.centroids_)} clusters from {stats['queries']} queries "
+        f"(OOD threshold {router.ood_threshold_:.3f})"
+    )
+    if report.get("holdout_queries"):
+        print(
+            f"held out {report['holdout_queries']}: router's top expert is the best one "
+            f"{report['router_top1_is_best']:.1%} of the time; always "
+            f"{report['global_best_expert']} {report['global_best_is_best']:.1%}. "
+            f"Mean score: router {report['router_mean_score']:.3f}, "
+            f"best single expert {report['global_best_mean_score']:.3f}, "
+            f"oracle {report['oracle_mean_score']:.3f}"
+        )
+    return 0
+
+
+def _route(config: Config, pool: str, path: Path | None, queries: list[str]) -> int:
+    from router import artifact
+    from serving.gateway import load_embedder
+
+    settings = config.pools[pool].router
+    folder = path or (Path(settings.artifact) if settings else None)
+    if folder is None:
+        print(f"chorus: pool {pool!r} has no router; pass --artifact", file=sys.stderr)
+        return EXIT_CONFIG
+    fitted = artifact.load(folder)
+    embedder = load_embedder(config.router.embedder)
+    artifact.check_compatible(
+        fitted, experts=config.pools[pool].experts, embedder=embedder.name, dim=embedder.dim
+    )
+    decisions = fitted.router.route(
+        embedder.encode(queries),
+        top_k=settings.top_k if settings else len(fitted.experts),
+        clusters_considered=settings.clusters_considered if settings else 3,
+        beta=settings.beta if settings else 10.0,
+    )
+    for decision in decisions:
+        row = {
+            "experts": list(decision.experts),
+            "weights": list(decision.weights),
+            "cluster": decision.cluster,
+            "distance": decision.distance,
+            "ood": decision.ood,
+        }
+        print(json.dumps(row))
+    return 0
 
 
 def _prepare(config: Config | None) -> int:

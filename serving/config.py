@@ -52,14 +52,33 @@ class TransformersExpertConfig(_Model):
 ExpertConfig = TransformersExpertConfig
 
 
+class PoolRouterConfig(_Model):
+    artifact: str
+    """Folder written by `chorus router fit` (relative to the config file)."""
+    top_k: Annotated[int, Field(ge=1)] = 2
+    """Experts the router hands to the strategy, best first."""
+    clusters_considered: Annotated[int, Field(ge=1)] = 3
+    beta: Annotated[float, Field(gt=0)] = 10.0
+    """Sharpness of the soft assignment softmax(-beta * distance) over the nearest clusters."""
+
+
 class PoolConfig(_Model):
     experts: Annotated[tuple[str, ...], Field(min_length=1)]
     strategy: Literal["single"] = "single"
+    router: PoolRouterConfig | None = None
+    """None: experts in the listed order (the first answers a `single` pool)."""
     description: str = ""
 
 
 class RouterConfig(_Model):
     embedder: str = "bundled:all-minilm-l6-v2"
+    include_system: bool = False
+    """Embed the system prompt too, not only the last user message."""
+    history_turns: Annotated[int, Field(ge=0)] = 0
+    """Embed this many earlier user/assistant messages too."""
+    batch_wait_ms: Annotated[float, Field(ge=0, le=50)] = 1.0
+    """How long the first query of a batch waits for others to share its encode call."""
+    max_batch: Annotated[int, Field(ge=1)] = 256
 
 
 class ServerConfig(_Model):
@@ -94,8 +113,11 @@ class ConfigError(Exception):
         super().__init__("\n".join(lines))
 
 
-def load_config(path: Path | str) -> Config:
-    """Read, validate and cross-check a config file; raise `ConfigError` on any problem."""
+def load_config(path: Path | str, *, check_artifacts: bool = True) -> Config:
+    """Read, validate and cross-check a config file; raise `ConfigError` on any problem.
+
+    `check_artifacts=False` skips loading router artifacts (for the commands that make them).
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -113,7 +135,27 @@ def load_config(path: Path | str) -> Config:
     problems = _cross_check(config, base_dir=path.parent)
     if problems:
         raise ConfigError(path, problems)
-    return _resolve_paths(config, base_dir=path.parent)
+    config = _resolve_paths(config, base_dir=path.parent)
+    if check_artifacts:
+        problems = _check_artifacts(config)
+        if problems:
+            raise ConfigError(path, problems)
+    return config
+
+
+def _check_artifacts(config: Config) -> list[tuple[str, str]]:
+    from router.artifact import ArtifactError, check_compatible, load
+
+    problems = []
+    for name, pool in config.pools.items():
+        if pool.router is None:
+            continue
+        try:
+            artifact = load(Path(pool.router.artifact))
+            check_compatible(artifact, experts=pool.experts, embedder=config.router.embedder)
+        except ArtifactError as exc:
+            problems.append((f"pools.{name}.router.artifact", str(exc)))
+    return problems
 
 
 def key_path(loc: Sequence[int | str]) -> str:
@@ -203,5 +245,17 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         )
         for name, expert in config.experts.items()
     }
+    pools = {
+        name: pool.model_copy(
+            update={
+                "router": pool.router.model_copy(
+                    update={"artifact": str((base_dir / pool.router.artifact).resolve())}
+                )
+            }
+        )
+        if pool.router is not None
+        else pool
+        for name, pool in config.pools.items()
+    }
     router = config.router.model_copy(update={"embedder": local(config.router.embedder)})
-    return config.model_copy(update={"experts": experts, "router": router})
+    return config.model_copy(update={"experts": experts, "router": router, "pools": pools})

@@ -6,19 +6,36 @@ import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Protocol
 
 from ensemble.engine import Engine
 from ensemble.strategy import STRATEGIES, SingleStrategy, Strategy
 from ensemble.types import ChatMessage
+from router import artifact
 from router.decision import RouteDecision
+from router.embedder import BatchingEmbedder, Embedder, SentenceTransformerEmbedder
+from router.semantic import SemanticRouter
 from router.static import StaticRouter
-from serving.config import Config
+from serving import bundled
+from serving.config import Config, PoolConfig
 from serving.engines import build_engine
 from serving.errors import ModelNotFoundError
 from serving.metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
+EMBEDDER = "embedder"
+
+
+def load_embedder(reference: str) -> Embedder:
+    """`bundled:<name>` or a sentence-transformers folder (or hub id)."""
+    path = (
+        str(bundled.prepare(reference.removeprefix("bundled:")))
+        if reference.startswith("bundled:")
+        else reference
+    )
+    return SentenceTransformerEmbedder(reference, path)
 
 
 class Router(Protocol):
@@ -50,10 +67,14 @@ class Gateway:
             if engines is not None
             else {name: build_engine(name, expert) for name, expert in config.experts.items()}
         )
+        self.embedder = BatchingEmbedder(
+            wait_ms=config.router.batch_wait_ms, max_batch=config.router.max_batch
+        )
+        self.needs_embedder = any(pool.router is not None for pool in config.pools.values())
         self.targets: dict[str, Target] = {}
         for name, pool in config.pools.items():
             self.targets[name] = Target(
-                name, "pool", pool.experts, StaticRouter(pool.experts), STRATEGIES[pool.strategy]()
+                name, "pool", pool.experts, self._router(pool), STRATEGIES[pool.strategy]()
             )
         for name in config.experts:
             self.targets[name] = Target(
@@ -64,30 +85,51 @@ class Gateway:
         for name in self.engines:
             metrics.expert_healthy.labels(name).set(0)
 
+    def _router(self, pool: PoolConfig) -> Router:
+        if pool.router is None:
+            return StaticRouter(pool.experts)
+        settings = self.config.router
+        return SemanticRouter(
+            artifact.load(Path(pool.router.artifact)),
+            self.embedder,
+            top_k=pool.router.top_k,
+            clusters_considered=pool.router.clusters_considered,
+            beta=pool.router.beta,
+            include_system=settings.include_system,
+            history_turns=settings.history_turns,
+        )
+
     async def start(self) -> None:
-        """Load every engine; one that fails is reported and left out, the rest serve."""
-        try:
-            results = await asyncio.gather(
-                *(engine.start() for engine in self.engines.values()), return_exceptions=True
+        """Load the embedder and every engine; one that fails is reported and left out."""
+        loads = {name: engine.start() for name, engine in self.engines.items()}
+        if self.needs_embedder:
+            loads[EMBEDDER] = self.embedder.load(
+                partial(load_embedder, self.config.router.embedder)
             )
-            for (name, _), result in zip(self.engines.items(), results, strict=True):
+        try:
+            results = await asyncio.gather(*loads.values(), return_exceptions=True)
+            for name, result in zip(loads, results, strict=True):
                 if isinstance(result, BaseException):
-                    logger.error("expert %s failed to load: %s", name, result)
+                    logger.error("%s failed to load: %s", name, result)
                     self.load_errors[name] = str(result)
-                else:
+                elif name != EMBEDDER:
                     self.metrics.expert_healthy.labels(name).set(1)
         finally:
             self.loading = False
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(e.aclose() for e in self.engines.values()), return_exceptions=True)
+        closing = [e.aclose() for e in self.engines.values()] + [self.embedder.aclose()]
+        await asyncio.gather(*closing, return_exceptions=True)
+
+    def can_serve(self, target: Target) -> bool:
+        if isinstance(target.router, SemanticRouter) and self.embedder.embedder is None:
+            return False
+        return any(self.engines[e].ready for e in target.experts)
 
     @property
     def ready(self) -> bool:
-        """Loaded, and at least one pool (or expert) has an expert that can answer."""
-        return not self.loading and any(
-            self.engines[e].ready for t in self.targets.values() for e in t.experts
-        )
+        """Loaded, and at least one pool (or expert) can answer."""
+        return not self.loading and any(self.can_serve(t) for t in self.targets.values())
 
     def target(self, model_id: str) -> Target:
         try:

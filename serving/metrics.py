@@ -46,6 +46,19 @@ class GatewayMetrics:
             ["pool", "expert"],
             registry=r,
         )
+        self.routing_duration = Histogram(
+            "chorus_routing_duration_seconds",
+            "Time to choose a pool's experts for a request (embedding included).",
+            ["pool"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=r,
+        )
+        self.route_ood = Counter(
+            "chorus_route_ood",
+            "Requests whose query was far from every calibration cluster (global ranking used).",
+            ["pool"],
+            registry=r,
+        )
         self.expert_healthy = Gauge(
             "chorus_expert_healthy",
             "1 when the expert is loaded and serving, else 0.",

@@ -65,6 +65,7 @@ class ChatCall:
             "strategy": self.target.strategy.name,
             "experts": list(self.trace.experts),
             "cluster": self.decision.cluster,
+            "ood": self.decision.ood,
             "weights": list(self.trace.weights),
             "timings": {
                 "route_ms": round(self.route_ms, 3),
@@ -91,10 +92,15 @@ class ChatService:
         if not self.gateway.ready:
             raise ServiceUnavailableError("Chorus is still loading its experts; retry shortly.")
         target = self.gateway.target(body.model)
+        if not self.gateway.can_serve(target):
+            raise ServiceUnavailableError(f"`{target.model_id}` cannot serve: it failed to load")
         request = self._generation_request(body)
         route_start = time.perf_counter()
         decision = await target.router.route(request.messages)
         route_ms = (time.perf_counter() - route_start) * 1000
+        self.metrics.routing_duration.labels(target.model_id).observe(route_ms / 1000)
+        if decision.ood:
+            self.metrics.route_ood.labels(target.model_id).inc()
         experts = [self.gateway.engines[name] for name in decision.experts]
         if not any(e.ready for e in experts):
             raise ServiceUnavailableError(f"no expert of `{target.model_id}` is loaded")

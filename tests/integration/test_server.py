@@ -14,6 +14,7 @@ from tests.conftest import ServerProcess
 pytestmark = pytest.mark.integration
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+SMOLLM2, GEMMA = "smollm2-135m-instruct", "gemma3-270m"
 
 
 @pytest.fixture(scope="module")
@@ -21,30 +22,56 @@ def client(server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
-def test_plain_completion_with_routing_metadata(client: openai.OpenAI) -> None:
-    raw = client.chat.completions.with_raw_response.create(
-        model="auto", messages=QUESTION, temperature=0, max_tokens=20
+def test_plain_completion(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model=SMOLLM2, messages=QUESTION, temperature=0, max_tokens=20
     )
-    completion = raw.parse()
     assert "Paris" in (completion.choices[0].message.content or "")
     assert completion.choices[0].finish_reason == "stop"
     assert completion.usage is not None and completion.usage.completion_tokens > 0
     chorus = completion.model_extra["chorus"]
+    assert chorus["pool"] == SMOLLM2 and chorus["experts"] == [SMOLLM2]
+    assert chorus["cluster"] is None  # an expert addressed directly is not routed
+
+
+def test_routed_pool_shows_its_decision_in_body_headers_and_metrics(
+    server: ServerProcess, client: openai.OpenAI
+) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=QUESTION, temperature=0, max_tokens=20
+    )
+    completion = raw.parse()
+    assert completion.choices[0].message.content
+    chorus = completion.model_extra["chorus"]
     assert chorus["pool"] == "auto" and chorus["strategy"] == "single"
-    assert chorus["experts"] == ["smollm2-135m-instruct"]
-    assert chorus["timings"]["total_ms"] >= chorus["timings"]["route_ms"] >= 0
+    assert len(chorus["experts"]) == 1 and chorus["experts"][0] in (SMOLLM2, GEMMA)
+    assert isinstance(chorus["cluster"], int) and chorus["ood"] is False
+    assert chorus["weights"] == [1.0]
+    assert chorus["timings"]["total_ms"] >= chorus["timings"]["route_ms"] > 0
     assert raw.headers["x-chorus-pool"] == "auto"
     assert raw.headers["x-chorus-strategy"] == "single"
-    assert raw.headers["x-chorus-experts"] == "smollm2-135m-instruct"
-    assert float(raw.headers["x-chorus-overhead-ms"]) >= 0
+    assert raw.headers["x-chorus-experts"] == chorus["experts"][0]
+    assert float(raw.headers["x-chorus-overhead-ms"]) >= chorus["timings"]["route_ms"]
+
+    gibberish = [{"role": "user", "content": "zorp vlak thrumb ixx qwv"}]
+    odd = client.chat.completions.create(model="auto", messages=gibberish, max_tokens=2)
+    assert odd.model_extra["chorus"]["ood"] is True
+
+    text = httpx.get(f"{server.url}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    routed = [s for s in families["chorus_routing_duration_seconds"].samples
+              if s.name.endswith("_count") and s.labels["pool"] == "auto"]  # fmt: skip
+    assert routed and routed[0].value >= 2
+    ood = [s for s in families["chorus_route_ood"].samples if s.name == "chorus_route_ood_total"]
+    assert ood and ood[0].value >= 1
 
 
 def test_stream_with_usage_matches_the_plain_answer(client: openai.OpenAI) -> None:
     plain = client.chat.completions.create(
-        model="auto", messages=QUESTION, temperature=0, max_tokens=20
+        model=SMOLLM2, messages=QUESTION, temperature=0, max_tokens=20
     )
     stream = client.chat.completions.create(
-        model="auto",
+        model=SMOLLM2,
         messages=QUESTION,
         temperature=0,
         max_tokens=20,
@@ -63,7 +90,7 @@ def test_stream_with_usage_matches_the_plain_answer(client: openai.OpenAI) -> No
     assert finishes == ["stop"]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens  # type: ignore[union-attr]
-    assert chunks[-1].model_extra["chorus"]["experts"] == ["smollm2-135m-instruct"]
+    assert chunks[-1].model_extra["chorus"]["experts"] == [SMOLLM2]
 
 
 def test_gemma_streams_too(client: openai.OpenAI) -> None:
@@ -95,7 +122,7 @@ def test_n_two_streamed_keeps_choices_apart(client: openai.OpenAI) -> None:
 
 def test_stop(client: openai.OpenAI) -> None:
     completion = client.chat.completions.create(
-        model="auto", messages=QUESTION, temperature=0, stop=["Paris"], max_tokens=20
+        model=SMOLLM2, messages=QUESTION, temperature=0, stop=["Paris"], max_tokens=20
     )
     assert completion.choices[0].message.content == "The capital of France is "
     assert completion.choices[0].finish_reason == "stop"
@@ -122,6 +149,7 @@ def test_logprobs(client: openai.OpenAI) -> None:
     assert content is not None and len(content) == completion.usage.completion_tokens  # type: ignore[union-attr]
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
     assert "".join(t.token for t in content).startswith(completion.choices[0].message.content or "")
+    assert completion.model_extra["chorus"]["experts"][0] in (SMOLLM2, GEMMA)
 
 
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:
@@ -189,7 +217,8 @@ def test_hostile_requests_get_openai_shaped_4xx_and_the_server_keeps_serving(
 
 
 def test_metrics_parse_and_count_requests(server: ServerProcess, client: openai.OpenAI) -> None:
-    client.chat.completions.create(model="auto", messages=QUESTION, max_tokens=2)
+    reply = client.chat.completions.create(model="auto", messages=QUESTION, max_tokens=2)
+    expert = reply.model_extra["chorus"]["experts"][0]
     text = httpx.get(f"{server.url}/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for name in [
@@ -200,6 +229,8 @@ def test_metrics_parse_and_count_requests(server: ServerProcess, client: openai.
         "chorus_inflight_requests",
         "chorus_expert_selected",
         "chorus_expert_healthy",
+        "chorus_routing_duration_seconds",
+        "chorus_route_ood",
     ]:
         assert name in families, name
 
@@ -210,34 +241,16 @@ def test_metrics_parse_and_count_requests(server: ServerProcess, client: openai.
             if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
         )
 
-    assert value("chorus_requests", "chorus_requests_total", pool="auto", status="200") >= 1
-    assert value("chorus_requests", "chorus_requests_total", status="404") >= 1
-    assert (
-        value(
-            "chorus_tokens",
-            "chorus_tokens_total",
-            expert="smollm2-135m-instruct",
-            kind="completion",
-        )
-        >= 2
-    )
-    assert (
-        value(
-            "chorus_expert_selected",
-            "chorus_expert_selected_total",
-            pool="auto",
-            expert="smollm2-135m-instruct",
-        )
-        >= 1
-    )
-    assert value("chorus_expert_healthy", "chorus_expert_healthy", expert="gemma3-270m") == 1
+    requests, tokens, selected = "chorus_requests", "chorus_tokens", "chorus_expert_selected"
+    assert value(requests, f"{requests}_total", pool="auto", status="200") >= 1
+    assert value(requests, f"{requests}_total", status="404") >= 1
+    assert value(tokens, f"{tokens}_total", expert=expert, kind="completion") >= 2
+    assert value(tokens, f"{tokens}_total", expert=expert, kind="prompt") >= 1
+    assert value(selected, f"{selected}_total", pool="auto", expert=expert) >= 1
+    assert value("chorus_expert_healthy", "chorus_expert_healthy", expert=GEMMA) == 1
     assert value("chorus_inflight_requests", "chorus_inflight_requests") == 0
-    assert (
-        value(
-            "chorus_request_duration_seconds", "chorus_request_duration_seconds_count", pool="auto"
-        )
-        >= 1
-    )
+    duration = "chorus_request_duration_seconds"
+    assert value(duration, f"{duration}_count", pool="auto") >= 1
 
 
 def test_health_is_ok_once_loaded(server: ServerProcess) -> None:

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ensemble.types import ChatMessage
+from router.artifact import RouterArtifact
+from router.decision import RouteDecision
+from router.embedder import BatchingEmbedder
+from router.query import query_text
+
+
+class SemanticRouter:
+    """A pool's router at serving time: embed the conversation, then route on the artifact."""
+
+    def __init__(
+        self,
+        artifact: RouterArtifact,
+        embedder: BatchingEmbedder,
+        *,
+        top_k: int = 2,
+        clusters_considered: int = 3,
+        beta: float = 10.0,
+        include_system: bool = False,
+        history_turns: int = 0,
+    ) -> None:
+        self.artifact = artifact
+        self.embedder = embedder
+        self.top_k = top_k
+        self.clusters_considered = clusters_considered
+        self.beta = beta
+        self.include_system = include_system
+        self.history_turns = history_turns
+
+    async def route(self, messages: Sequence[ChatMessage]) -> RouteDecision:
+        text = query_text(
+            messages, include_system=self.include_system, history_turns=self.history_turns
+        )
+        vector = await self.embedder.embed(text)
+        return self.artifact.router.route(
+            vector[None, :],
+            top_k=self.top_k,
+            clusters_considered=self.clusters_considered,
+            beta=self.beta,
+        )[0]
