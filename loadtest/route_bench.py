@@ -25,7 +25,7 @@ from router import artifact
 from router.embedder import BatchingEmbedder
 from router.semantic import SemanticRouter
 from serving.config import load_config
-from serving.gateway import load_embedder
+from serving.embedders import load_embedder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,12 +34,16 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values) * 1000, q))
 
 
-async def run(config_path: Path, pool: str, n: int, concurrent_total: int) -> dict[str, object]:
+async def run(
+    config_path: Path, pool: str, n: int, concurrent_total: int, wait_ms: float | None = None
+) -> dict[str, object]:
     config = load_config(config_path)
     settings = config.pools[pool].router
     assert settings is not None, f"pool {pool} has no router"
-    embedder = load_embedder(config.router.embedder)
-    batcher = BatchingEmbedder(embedder, wait_ms=config.router.batch_wait_ms)
+    embedder = load_embedder(config.router.embedder, config.router.backend)
+    batcher = BatchingEmbedder(
+        embedder, wait_ms=wait_ms if wait_ms is not None else config.router.batch_wait_ms
+    )
     router = SemanticRouter(
         artifact.load(Path(settings.artifact)),
         batcher,
@@ -100,8 +104,11 @@ def main() -> None:
     parser.add_argument("--pool", default="auto")
     parser.add_argument("--queries", type=int, default=300, help="sequential queries per phase")
     parser.add_argument("--concurrent-total", type=int, default=4096)
+    parser.add_argument("--wait-ms", type=float, help="override the config's batch_wait_ms")
     args = parser.parse_args()
-    result = asyncio.run(run(args.config, args.pool, args.queries, args.concurrent_total))
+    result = asyncio.run(
+        run(args.config, args.pool, args.queries, args.concurrent_total, args.wait_ms)
+    )
     print(json.dumps(result, indent=2))
 
 

@@ -54,13 +54,14 @@ class SentenceTransformerEmbedder:
 class BatchingEmbedder:
     """Async front of an `Embedder`: queries that arrive together are encoded together.
 
-    The first query of a batch waits up to `wait_ms` for company, then one encode call serves all
-    that came (up to `max_batch`); queries arriving meanwhile form the next batch. Encoding runs on
-    one worker thread, never on the event loop.
+    Every query waiting when the worker is free goes into one encode call (up to `max_batch`), so
+    batches grow with load: queries that arrive during an encode share the next one. `wait_ms`
+    optionally holds a batch's first query for company. Encoding runs on one worker thread, never
+    on the event loop.
     """
 
     def __init__(
-        self, embedder: Embedder | None = None, *, wait_ms: float = 1.0, max_batch: int = 256
+        self, embedder: Embedder | None = None, *, wait_ms: float = 0.0, max_batch: int = 256
     ) -> None:
         self.embedder = embedder  # may be set later, once loaded
         self.wait_s = wait_ms / 1000

@@ -133,11 +133,11 @@ def _dataset(out_dir: Path, seed: int) -> int:
 def _fit(config: Config, args: argparse.Namespace) -> int:
     from router import artifact
     from router.calibration import fit_router, load_calibration
-    from serving.gateway import load_embedder
+    from serving.embedders import load_embedder
 
     experts = config.pools[args.pool].experts
     data = load_calibration(args.data, experts)
-    embedder = load_embedder(config.router.embedder)
+    embedder = load_embedder(config.router.embedder, config.router.backend)
     router, stats = fit_router(
         data, embedder, n_clusters=args.clusters, holdout=args.holdout, seed=args.seed
     )
@@ -162,7 +162,7 @@ def _fit(config: Config, args: argparse.Namespace) -> int:
 
 def _route(config: Config, pool: str, path: Path | None, queries: list[str]) -> int:
     from router import artifact
-    from serving.gateway import load_embedder
+    from serving.embedders import load_embedder
 
     settings = config.pools[pool].router
     folder = path or (Path(settings.artifact) if settings else None)
@@ -170,7 +170,7 @@ def _route(config: Config, pool: str, path: Path | None, queries: list[str]) -> 
         print(f"chorus: pool {pool!r} has no router; pass --artifact", file=sys.stderr)
         return EXIT_CONFIG
     fitted = artifact.load(folder)
-    embedder = load_embedder(config.router.embedder)
+    embedder = load_embedder(config.router.embedder, config.router.backend)
     artifact.check_compatible(
         fitted, experts=config.pools[pool].experts, embedder=embedder.name, dim=embedder.dim
     )
@@ -210,6 +210,11 @@ def _prepare(config: Config | None) -> int:
             path = bundled.prepare(name)
             state = "cached" if was_ready else f"prepared in {time.perf_counter() - started:.1f}s"
             bar.write(f"{name}: {state} -> {path}")
+    if config is not None and config.router.backend == "onnx":
+        from serving.embedders import load_embedder, onnx_folder
+
+        load_embedder(config.router.embedder, "onnx")  # exports once, then only loads
+        print(f"{config.router.embedder}: ONNX -> {onnx_folder(config.router.embedder)}")
     return 0
 
 

@@ -72,12 +72,17 @@ class PoolConfig(_Model):
 
 class RouterConfig(_Model):
     embedder: str = "bundled:all-minilm-l6-v2"
+    """A sentence-transformers model: `bundled:<name>`, a folder, or a hub id."""
+    backend: Literal["onnx", "torch"] = "onnx"
+    """onnx: exported once to ONNX Runtime (same vectors, about 2x faster on CPU)."""
     include_system: bool = False
     """Embed the system prompt too, not only the last user message."""
     history_turns: Annotated[int, Field(ge=0)] = 0
     """Embed this many earlier user/assistant messages too."""
-    batch_wait_ms: Annotated[float, Field(ge=0, le=50)] = 1.0
-    """How long the first query of a batch waits for others to share its encode call."""
+    batch_wait_ms: Annotated[float, Field(ge=0, le=50)] = 0.0
+    """How long the first query of a batch waits for company. 0: no deliberate wait; queries
+    that arrive while an encode runs share the next one (measured: a 1 ms wait cost single
+    queries 1.6x the bare embedding time and bought no throughput at 64 concurrent)."""
     max_batch: Annotated[int, Field(ge=1)] = 256
 
 

@@ -15,27 +15,17 @@ from ensemble.strategy import STRATEGIES, SingleStrategy, Strategy
 from ensemble.types import ChatMessage
 from router import artifact
 from router.decision import RouteDecision
-from router.embedder import BatchingEmbedder, Embedder, SentenceTransformerEmbedder
+from router.embedder import BatchingEmbedder
 from router.semantic import SemanticRouter
 from router.static import StaticRouter
-from serving import bundled
 from serving.config import Config, PoolConfig
+from serving.embedders import load_embedder
 from serving.engines import build_engine
 from serving.errors import ModelNotFoundError
 from serving.metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
 EMBEDDER = "embedder"
-
-
-def load_embedder(reference: str) -> Embedder:
-    """`bundled:<name>` or a sentence-transformers folder (or hub id)."""
-    path = (
-        str(bundled.prepare(reference.removeprefix("bundled:")))
-        if reference.startswith("bundled:")
-        else reference
-    )
-    return SentenceTransformerEmbedder(reference, path)
 
 
 class Router(Protocol):
@@ -104,7 +94,7 @@ class Gateway:
         loads = {name: engine.start() for name, engine in self.engines.items()}
         if self.needs_embedder:
             loads[EMBEDDER] = self.embedder.load(
-                partial(load_embedder, self.config.router.embedder)
+                partial(load_embedder, self.config.router.embedder, self.config.router.backend)
             )
         try:
             results = await asyncio.gather(*loads.values(), return_exceptions=True)

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from router.calibration import CalibrationSet, fit_router
-from router.embedder import SentenceTransformerEmbedder
-from serving.datasets import CAPITALS
-from serving.gateway import load_embedder
+from router.embedder import Embedder, SentenceTransformerEmbedder
+from router.onnx import OnnxEmbedder
+from serving.datasets import CAPITALS, generate
+from serving.embedders import load_embedder
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
@@ -31,10 +32,19 @@ GIBBERISH = [
 
 
 @pytest.fixture(scope="module")
-def embedder() -> Iterator[SentenceTransformerEmbedder]:
-    loaded = load_embedder("bundled:all-minilm-l6-v2")
-    assert isinstance(loaded, SentenceTransformerEmbedder)
-    yield loaded
+def embedder() -> Iterator[Embedder]:
+    yield load_embedder("bundled:all-minilm-l6-v2")  # the serving default: ONNX Runtime
+
+
+def test_onnx_embedder_gives_the_torch_vectors(embedder: Embedder) -> None:
+    assert isinstance(embedder, OnnxEmbedder)
+    torch_embedder = load_embedder("bundled:all-minilm-l6-v2", backend="torch")
+    assert isinstance(torch_embedder, SentenceTransformerEmbedder)
+    texts = [r["question"] for r in generate()["test"]][:64] + GIBBERISH + ["", "é" * 600]
+    ours, theirs = embedder.encode(texts), torch_embedder.encode(texts)
+    assert ours.shape == theirs.shape == (len(texts), 384)
+    assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    assert float((ours * theirs).sum(axis=1).min()) > 0.9999
 
 
 def geography(countries: list[str]) -> list[str]:
@@ -60,7 +70,7 @@ def planted(queries_geo: list[str], queries_math: list[str]) -> CalibrationSet:
 
 
 def test_planted_truth_sends_unseen_queries_to_the_right_expert(
-    embedder: SentenceTransformerEmbedder,
+    embedder: Embedder,
 ) -> None:
     data = planted(geography(COUNTRIES[:24]), arithmetic(seed=1, n=24))
     router, stats = fit_router(data, embedder, n_clusters=8, seed=0)
@@ -74,7 +84,7 @@ def test_planted_truth_sends_unseen_queries_to_the_right_expert(
         assert not any(d.ood for d in decisions)
 
 
-def test_gibberish_is_flagged_out_of_distribution(embedder: SentenceTransformerEmbedder) -> None:
+def test_gibberish_is_flagged_out_of_distribution(embedder: Embedder) -> None:
     data = planted(geography(COUNTRIES[:24]), arithmetic(seed=1, n=24))
     router, _ = fit_router(data, embedder, n_clusters=8, seed=0)
     decisions = router.route(embedder.encode(GIBBERISH), top_k=2)

@@ -1,0 +1,39 @@
+"""Building the router's embedder from a config reference, on torch or ONNX Runtime."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from router.embedder import Embedder, SentenceTransformerEmbedder
+from router.onnx import OnnxEmbedder, export
+from serving import bundled
+
+logger = logging.getLogger(__name__)
+
+
+def resolve(reference: str) -> str:
+    """`bundled:<name>` becomes its folder; a folder or hub id passes through."""
+    if reference.startswith("bundled:"):
+        return str(bundled.prepare(reference.removeprefix("bundled:")))
+    return reference
+
+
+def onnx_folder(reference: str) -> Path:
+    """Where the ONNX export of a reference is cached (keyed by what the reference points at)."""
+    source = resolve(reference)
+    digest = hashlib.sha1(source.encode()).hexdigest()[:12]
+    slug = Path(reference.removeprefix("bundled:")).name or "embedder"
+    return bundled.chorus_home() / "onnx" / f"{slug}-{digest}"
+
+
+def load_embedder(reference: str, backend: str = "onnx") -> Embedder:
+    """The embedder named by `reference`; exported to ONNX once (and cached) for `onnx`."""
+    if backend == "torch":
+        return SentenceTransformerEmbedder(reference, resolve(reference))
+    folder = onnx_folder(reference)
+    if not (folder / "onnx.json").exists():
+        logger.info("exporting %s to ONNX at %s (once)", reference, folder)
+        export(resolve(reference), folder)
+    return OnnxEmbedder(reference, folder)
