@@ -78,8 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        if args.command == "prepare":
-            return _prepare(load_config(args.config) if args.config else None)
+        if args.command == "prepare":  # set-up: runs before any router artifact exists
+            config = load_config(args.config, check_artifacts=False) if args.config else None
+            return _prepare(config)
         if args.command == "dataset":
             return _dataset(args.out_dir, args.seed)
         # The commands that make router artifacts must not require them to exist already.
