@@ -51,13 +51,17 @@ class ChatCall:
         return self.target.model_id, self.target.strategy.name
 
     def headers(self) -> dict[str, str]:
-        return {
+        headers = {
             "x-chorus-pool": self.target.model_id,
             "x-chorus-strategy": self.target.strategy.name,
             "x-chorus-experts": ",".join(self.trace.experts),
             "x-chorus-overhead-ms": f"{self.overhead_ms:.2f}",
             "x-request-id": self.id,
         }
+        if self.decision.cluster is not None:
+            headers["x-chorus-cluster"] = str(self.decision.cluster)
+            headers["x-chorus-ood"] = "true" if self.decision.ood else "false"
+        return headers
 
     def chorus(self) -> dict[str, Any]:
         return {

@@ -51,6 +51,8 @@ def test_routed_pool_shows_its_decision_in_body_headers_and_metrics(
     assert raw.headers["x-chorus-pool"] == "auto"
     assert raw.headers["x-chorus-strategy"] == "single"
     assert raw.headers["x-chorus-experts"] == chorus["experts"][0]
+    assert raw.headers["x-chorus-cluster"] == str(chorus["cluster"])
+    assert raw.headers["x-chorus-ood"] == "false"
     assert float(raw.headers["x-chorus-overhead-ms"]) >= chorus["timings"]["route_ms"]
 
     gibberish = [{"role": "user", "content": "zorp vlak thrumb ixx qwv"}]
