@@ -1,7 +1,7 @@
 """Ensembling: engines' seam, strategies over routed experts, and the values they exchange."""
 
 from ensemble.engine import Engine
-from ensemble.strategy import STRATEGIES, SingleStrategy, Strategy
+from ensemble.strategy import SingleStrategy, Strategy
 from ensemble.types import (
     ChatMessage,
     EnsembleTrace,
@@ -10,11 +10,10 @@ from ensemble.types import (
     SamplingParams,
     TokenLogprob,
     TopLogprob,
-    Usage,
 )
+from ensemble.vote import VotingStrategy
 
 __all__ = [
-    "STRATEGIES",
     "ChatMessage",
     "Engine",
     "EnsembleTrace",
@@ -25,5 +24,5 @@ __all__ = [
     "Strategy",
     "TokenLogprob",
     "TopLogprob",
-    "Usage",
+    "VotingStrategy",
 ]

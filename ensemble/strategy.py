@@ -17,6 +17,7 @@ class Strategy(Protocol):
     """
 
     name: str
+    max_n: int | None  # the largest `n` it serves; None: any
 
     def run(
         self, request: GenerationRequest, experts: Sequence[Engine], trace: EnsembleTrace
@@ -27,6 +28,7 @@ class SingleStrategy:
     """The top routed expert answers alone, streaming natively."""
 
     name = "single"
+    max_n: int | None = None
 
     async def run(
         self, request: GenerationRequest, experts: Sequence[Engine], trace: EnsembleTrace
@@ -36,6 +38,3 @@ class SingleStrategy:
         trace.weights.append(1.0)
         async for chunk in expert.generate(request):
             yield chunk
-
-
-STRATEGIES: dict[str, type[SingleStrategy]] = {SingleStrategy.name: SingleStrategy}

@@ -7,7 +7,7 @@ SamplingParams for the same reason), and nothing here imports a web or model fra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 FinishReason = Literal["stop", "length"]
 
@@ -62,8 +62,10 @@ class GenerationChunk:
     """A piece of one sample's output.
 
     `index` names the sample (the OpenAI choice). A sample's last chunk has a `finish_reason`.
-    `tokens` counts the completion tokens this chunk accounts for; `prompt_tokens` is the same on
-    every chunk of one generation, so a consumer can report usage whenever it stops reading.
+    `tokens` counts the completion tokens this chunk accounts for, and `prompt_tokens` the prompt
+    tokens of `expert` (the same on every chunk of one generation), so a consumer can report usage
+    whenever it stops reading. A strategy may send chunks with no text that only account for work
+    (samples that lost a vote), and `keepalive` chunks that say it is still working.
     """
 
     expert: str
@@ -73,21 +75,16 @@ class GenerationChunk:
     prompt_tokens: int
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: FinishReason | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
+    keepalive: bool = False
 
 
 @dataclass(slots=True)
 class EnsembleTrace:
-    """What a strategy did, filled in as it runs; served as the `chorus` response object."""
+    """What a strategy did, filled in as it runs; served as the `chorus` response object.
+
+    `details` holds strategy-specific metadata under its own key (for example `vote`).
+    """
 
     experts: list[str] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)

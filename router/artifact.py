@@ -7,8 +7,6 @@ artifact that does not match the pool or the embedder it is about to serve with.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from router.cluster import ClusterRouter
+from router.folders import replace_folder
 
 FORMAT_VERSION = 1
 _ARRAYS = ("centroids_", "cluster_scores_", "cluster_counts_", "global_scores_")
@@ -57,18 +56,9 @@ def save(
         "ood_threshold": router.ood_threshold_,
         "calibration": {**stats, "distance": router.calibration_distance_},
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with replace_folder(path) as tmp:
         np.savez(tmp / "arrays.npz", **{name: getattr(router, name) for name in _ARRAYS})
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.chmod(0o755)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load(path: Path) -> RouterArtifact:

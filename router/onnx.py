@@ -9,8 +9,6 @@ then optional normalisation (the vectors are always L2-normalised here, as routi
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from router.embedder import Float32Array
+from router.folders import replace_folder
 
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -59,9 +58,7 @@ def export(folder: str, out: Path) -> None:
 
     sample = tokenizer(["a short sample", "another one"], padding=True, return_tensors="pt")
     names = [n for n in _INPUTS if n in sample]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with replace_folder(out) as tmp:
         with warnings.catch_warnings():
             # The tracer warns at every Python branch on shapes; the tests compare the vectors.
             warnings.simplefilter("ignore")
@@ -84,12 +81,6 @@ def export(folder: str, out: Path) -> None:
             "pad_token": tokenizer.pad_token,
         }
         (tmp / "onnx.json").write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class OnnxEmbedder:

@@ -89,7 +89,7 @@ def create_app(config: Config, *, engines: Mapping[str, Engine] | None = None) -
                 )
             )
         for name, pool in config.pools.items():
-            meta = {"type": "pool", "experts": list(pool.experts), "strategy": pool.strategy}
+            meta = {"type": "pool", "experts": list(pool.experts), "strategy": pool.strategy.type}
             cards.append(model_card(name, "chorus", created, chorus=meta))
         return {"object": "list", "data": cards}
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from router.folders import replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -121,17 +121,9 @@ def prepare(name: str) -> Path:
     if is_prepared(name):
         return target
     model = bundled_model(name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the prepared model is for every user
-    try:
+    with replace_folder(target) as tmp:
         _convert_gguf(model.source(), tmp)
         (tmp / _COMPLETE_MARKER).write_text(model.description + "\n")
-        if target.exists():  # a stale, incomplete folder from an older layout
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

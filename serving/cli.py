@@ -73,10 +73,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     route.add_argument("--artifact", type=Path, help="default: the pool's own")
     route.add_argument("--query", required=True, action="append", dest="queries")
 
+    evaluate = commands.add_parser(
+        "eval", help="accuracy, latency and tokens of models and pools on labeled questions"
+    )
+    evaluate.add_argument("--config", required=True, type=Path)
+    evaluate.add_argument("--data", required=True, type=Path, help="labeled JSONL")
+    evaluate.add_argument("--models", required=True, help="comma-separated model ids")
+    evaluate.add_argument("--out", required=True, type=Path, help="report folder")
+    evaluate.add_argument("--url", help="a running server; default: serve the config in-process")
+    evaluate.add_argument("--limit", type=int, help="at most this many questions per category")
+    evaluate.add_argument("--max-tokens", type=int, default=48)
+
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for chatty in ("httpx", "matplotlib"):  # a line per request or font scan drowns progress
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         if args.command == "prepare":  # set-up: runs before any router artifact exists
             config = load_config(args.config, check_artifacts=False) if args.config else None
@@ -112,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fit(config, args)
         if args.command == "route":
             return _route(config, args.pool, args.artifact, args.queries)
+        if args.command == "eval":
+            return asyncio.run(_eval(config, args, " ".join(["chorus", *(argv or sys.argv[1:])])))
     except ConfigError as exc:
         print(f"chorus: invalid config\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -119,6 +134,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chorus: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return 1
+
+
+async def _eval(config: Config, args: argparse.Namespace, command: str) -> int:
+    from serving.calibrate import load_labeled
+    from serving.evaluate import (
+        limit_per_category,
+        run_eval,
+        serve_in_process,
+        summarize,
+        write_report,
+    )
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    known = set(config.experts) | set(config.pools)
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        print(f"chorus: unknown model ids {unknown} (known: {sorted(known)})", file=sys.stderr)
+        return EXIT_CONFIG
+    questions = limit_per_category(load_labeled(args.data), args.limit)
+    if args.url:
+        results = await run_eval(args.url, models, questions, max_tokens=args.max_tokens)
+    else:
+        async with serve_in_process(config) as url:
+            results = await run_eval(url, models, questions, max_tokens=args.max_tokens)
+    summary = summarize(results, models)
+    write_report(args.out, results, summary, command)
+    for model, stats in summary["models"].items():
+        print(
+            f"{model}: accuracy {stats['accuracy']:.3f} over {stats['answers']} answers, "
+            f"{stats['mean_latency_s']:.2f} s and {stats['mean_completion_tokens']:.1f} "
+            f"completion tokens per answer"
+        )
+    print(f"report: {args.out / 'report.md'}")
+    return 0
 
 
 def _dataset(out_dir: Path, seed: int) -> int:

@@ -62,9 +62,39 @@ class PoolRouterConfig(_Model):
     """Sharpness of the soft assignment softmax(-beta * distance) over the nearest clusters."""
 
 
+class SingleStrategyConfig(_Model):
+    type: Literal["single"] = "single"
+
+
+class VoteStrategyConfig(_Model):
+    """Self-consistency over the top expert, escalating to the next one when it disagrees."""
+
+    type: Literal["vote"] = "vote"
+    samples: Annotated[int, Field(ge=1, le=64)] = 5
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    """Per sample, where the request leaves it out (None: the expert's default)."""
+    escalate_below: Annotated[float, Field(ge=0, le=1)] = 0.8
+    """Sample the next routed expert too when the top one's agreement is below this."""
+    answer_format: Literal["auto", "number", "choice", "short", "text"] = "auto"
+    keepalive_s: Annotated[float, Field(gt=0, le=30)] = 1.0
+    """Interval of SSE keep-alive comments while sampling."""
+
+
+StrategyConfig = Annotated[SingleStrategyConfig | VoteStrategyConfig, Field(discriminator="type")]
+
+
 class PoolConfig(_Model):
     experts: Annotated[tuple[str, ...], Field(min_length=1)]
-    strategy: Literal["single"] = "single"
+    strategy: StrategyConfig = SingleStrategyConfig()
+    """`single`, `vote`, or a mapping with `type` and the strategy's settings."""
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy_by_name(cls, value: Any) -> Any:
+        return {"type": value} if isinstance(value, str) else value
+
     router: PoolRouterConfig | None = None
     """None: experts in the listed order (the first answers a `single` pool)."""
     description: str = ""

@@ -11,14 +11,15 @@ from pathlib import Path
 from typing import Protocol
 
 from ensemble.engine import Engine
-from ensemble.strategy import STRATEGIES, SingleStrategy, Strategy
+from ensemble.strategy import SingleStrategy, Strategy
 from ensemble.types import ChatMessage
+from ensemble.vote import VotingStrategy
 from router import artifact
 from router.decision import RouteDecision
 from router.embedder import BatchingEmbedder
 from router.semantic import SemanticRouter
 from router.static import StaticRouter
-from serving.config import Config, PoolConfig
+from serving.config import Config, PoolConfig, StrategyConfig, VoteStrategyConfig
 from serving.embedders import load_embedder
 from serving.engines import build_engine
 from serving.errors import ModelNotFoundError
@@ -26,6 +27,12 @@ from serving.metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
 EMBEDDER = "embedder"
+
+
+def build_strategy(config: StrategyConfig) -> Strategy:
+    if isinstance(config, VoteStrategyConfig):
+        return VotingStrategy(**config.model_dump(exclude={"type"}))
+    return SingleStrategy()
 
 
 class Router(Protocol):
@@ -64,7 +71,7 @@ class Gateway:
         self.targets: dict[str, Target] = {}
         for name, pool in config.pools.items():
             self.targets[name] = Target(
-                name, "pool", pool.experts, self._router(pool), STRATEGIES[pool.strategy]()
+                name, "pool", pool.experts, self._router(pool), build_strategy(pool.strategy)
             )
         for name in config.experts:
             self.targets[name] = Target(

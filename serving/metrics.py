@@ -59,6 +59,19 @@ class GatewayMetrics:
             ["pool"],
             registry=r,
         )
+        self.vote_agreement = Histogram(
+            "chorus_vote_agreement_ratio",
+            "Weighted share of the winning answer among a vote's samples.",
+            ["pool"],
+            buckets=(0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            registry=r,
+        )
+        self.vote_escalations = Counter(
+            "chorus_vote_escalations",
+            "Votes that sampled the next routed expert because the top one disagreed with itself.",
+            ["pool"],
+            registry=r,
+        )
         self.expert_healthy = Gauge(
             "chorus_expert_healthy",
             "1 when the expert is loaded and serving, else 0.",

@@ -43,8 +43,8 @@ class ChatCall:
     first: GenerationChunk
     rest: AsyncGenerator[GenerationChunk, None]
     first_token_at: float | None = None
-    prompt_tokens: int = 0
-    completion_tokens: dict[int, int] = field(default_factory=dict)
+    prompt_tokens: dict[str, int] = field(default_factory=dict)  # per expert
+    completion_tokens: int = 0
 
     @property
     def labels(self) -> tuple[str, str]:
@@ -64,7 +64,7 @@ class ChatCall:
         return headers
 
     def chorus(self) -> dict[str, Any]:
-        return {
+        return self.trace.details | {
             "pool": self.target.model_id,
             "strategy": self.target.strategy.name,
             "experts": list(self.trace.experts),
@@ -78,11 +78,12 @@ class ChatCall:
         }
 
     def usage(self) -> dict[str, int]:
-        completion = sum(self.completion_tokens.values())
+        """Every expert's prompt and every generated token, the losing vote samples included."""
+        prompt = sum(self.prompt_tokens.values())
         return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": self.prompt_tokens + completion,
+            "prompt_tokens": prompt,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": prompt + self.completion_tokens,
         }
 
 
@@ -96,6 +97,13 @@ class ChatService:
         if not self.gateway.ready:
             raise ServiceUnavailableError("Chorus is still loading its experts; retry shortly.")
         target = self.gateway.target(body.model)
+        max_n = target.strategy.max_n
+        if max_n is not None and body.n > max_n:
+            raise InvalidRequestError(
+                f"`{target.model_id}` is a `{target.strategy.name}` pool, which returns one "
+                f"answer per request: `n` must be at most {max_n}",
+                param="n",
+            )
         if not self.gateway.can_serve(target):
             raise ServiceUnavailableError(f"`{target.model_id}` cannot serve: it failed to load")
         request = self._generation_request(body)
@@ -168,10 +176,9 @@ class ChatService:
                 yield chunk
 
     def _count(self, call: ChatCall, chunk: GenerationChunk) -> None:
-        call.prompt_tokens = chunk.prompt_tokens
-        call.completion_tokens[chunk.index] = call.completion_tokens.get(chunk.index, 0) + (
-            chunk.tokens
-        )
+        seen = call.prompt_tokens.get(chunk.expert, 0)
+        call.prompt_tokens[chunk.expert] = max(seen, chunk.prompt_tokens)
+        call.completion_tokens += chunk.tokens
         self.metrics.tokens.labels(chunk.expert, "completion").inc(chunk.tokens)
         if call.first_token_at is None and chunk.text:
             call.first_token_at = time.perf_counter()
@@ -180,8 +187,12 @@ class ChatService:
             )
 
     def _finish(self, call: ChatCall, status: int) -> None:
-        for expert in call.trace.experts[:1]:
-            self.metrics.tokens.labels(expert, "prompt").inc(call.prompt_tokens)
+        for expert, tokens in call.prompt_tokens.items():
+            self.metrics.tokens.labels(expert, "prompt").inc(tokens)
+        if vote := call.trace.details.get("vote"):
+            self.metrics.vote_agreement.labels(call.target.model_id).observe(vote["agreement"])
+            if vote["escalated"]:
+                self.metrics.vote_escalations.labels(call.target.model_id).inc()
         self.metrics.requests.labels(*call.labels, str(status)).inc()
         self.metrics.request_duration.labels(*call.labels).observe(
             time.perf_counter() - call.received
@@ -194,6 +205,8 @@ class ChatService:
         finish: dict[int, str] = {}
         try:
             async for chunk in self._chunks(call):
+                if chunk.keepalive:
+                    continue
                 self._count(call, chunk)
                 texts.setdefault(chunk.index, []).append(chunk.text)
                 logprobs.setdefault(chunk.index, []).extend(_logprob_json(chunk.logprobs))
@@ -231,7 +244,12 @@ class ChatService:
                     self._chunk(call, i, {"role": "assistant", "content": ""}, with_meta=True)
                 )
             async for chunk in self._chunks(call):
+                if chunk.keepalive:
+                    yield ": keep-alive\n\n"
+                    continue
                 self._count(call, chunk)
+                if not chunk.text and chunk.finish_reason is None:
+                    continue  # accounting only: tokens of samples that lost a vote
                 delta = {"content": chunk.text} if chunk.text else {}
                 yield _sse(
                     self._chunk(

@@ -6,7 +6,7 @@ import asyncio
 import threading
 from collections.abc import AsyncGenerator
 
-from ensemble.types import GenerationChunk, GenerationRequest
+from ensemble.types import GenerationChunk, GenerationRequest, TokenLogprob
 from serving.errors import ExpertError
 
 
@@ -53,4 +53,45 @@ class FakeEngine:
                 tokens=1,
                 prompt_tokens=len(request.messages),
                 finish_reason="stop" if last else None,
+            )
+
+
+class ScriptedSamples:
+    """An engine whose n samples are scripted replies, each with a given token log-probability."""
+
+    def __init__(
+        self, name: str, replies: list[tuple[str, float]], *, delay_s: float = 0.0
+    ) -> None:
+        self.name = name
+        self.replies = replies
+        self.delay_s = delay_s
+        self.calls: list[GenerationRequest] = []
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    @property
+    def context_window(self) -> int:
+        return 1024
+
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        self.calls.append(request)
+        for i in range(request.params.n):
+            text, logprob = self.replies[i % len(self.replies)]
+            await asyncio.sleep(self.delay_s)
+            yield GenerationChunk(
+                expert=self.name,
+                index=i,
+                text=text,
+                tokens=2,
+                prompt_tokens=7,
+                logprobs=(TokenLogprob(text, logprob),),
+                finish_reason="stop",
             )

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ServerProcess
+from tests.conftest import DEFAULT_CONFIG, ServerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -262,3 +264,48 @@ def test_health_is_ok_once_loaded(server: ServerProcess) -> None:
         "smollm2-135m-instruct": True,
         "gemma3-270m": True,
     }
+
+
+def test_vote_pool_through_the_sdk_plain_and_streamed(client: openai.OpenAI) -> None:
+    question = [{"role": "user", "content": "What is the capital of Italy? Answer with the city."}]
+    completion = client.chat.completions.create(model="vote", messages=question, max_tokens=12)
+    vote = completion.model_extra["chorus"]["vote"]
+    assert sum(vote["answers"].values()) >= 1 and 0 <= vote["agreement"] <= 1
+    assert completion.model_extra["chorus"]["strategy"] == "vote"
+    assert completion.choices[0].message.content
+    assert completion.usage is not None and completion.usage.completion_tokens >= 5
+
+    stream = client.chat.completions.create(
+        model="vote", messages=question, max_tokens=12, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    assert chunks[-1].usage is not None
+    assert "vote" in chunks[-1].model_extra["chorus"]
+
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="vote", messages=question, n=2)
+
+
+def test_eval_command_writes_report_chart_and_results(server: ServerProcess, tmp_path) -> None:
+    data = tmp_path / "labeled.jsonl"
+    data.write_text(
+        '{"question": "What is the capital of France?", "answers": ["Paris"], "category": "geo"}\n'
+        '{"question": "What is 2 + 3?", "answers": ["5"], "category": "math"}\n'
+    )
+    out = tmp_path / "eval"
+    done = subprocess.run(
+        [sys.executable, "-m", "serving", "eval", "--config", str(DEFAULT_CONFIG),
+         "--data", str(data), "--models", "smollm2-135m-instruct,auto", "--out", str(out),
+         "--url", server.url, "--max-tokens", "16"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(results) == 4 and {r["model"] for r in results} == {"smollm2-135m-instruct", "auto"}
+    assert all(r["latency_s"] > 0 and "reply" in r for r in results)
+    report = (out / "report.md").read_text()
+    assert "| smollm2-135m-instruct |" in report and "| geo |" in report
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

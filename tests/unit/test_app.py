@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from serving.app import create_app
 from serving.config import load_config
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, ScriptedSamples
 
 CONFIG = """
 experts:
@@ -85,3 +85,60 @@ def test_non_streamed_failure_midway_is_an_http_error(tmp_path: Path) -> None:
         metrics = client.get("/metrics").text
         assert 'chorus_requests_total{pool="late",status="502",strategy="single"} 1.0' in metrics
         assert "chorus_inflight_requests 0.0" in metrics
+
+
+VOTE_CONFIG = """
+experts:
+  top: {model: bundled:smollm2-135m-instruct}
+  next: {model: bundled:smollm2-135m-instruct}
+pools:
+  vote:
+    experts: [top, next]
+    strategy: {type: vote, samples: 3, keepalive_s: 0.05}
+"""
+
+
+def vote_app(tmp_path: Path) -> TestClient:
+    path = tmp_path / "v.yaml"
+    path.write_text(VOTE_CONFIG)
+    engines = {
+        "top": ScriptedSamples("top", [("42", -0.1), ("41", -0.5), ("42", -0.2)], delay_s=0.1),
+        "next": ScriptedSamples("next", [("42", -0.1), ("7", -0.2), ("8", -0.3)]),
+    }
+    return TestClient(create_app(load_config(path), engines=engines))
+
+
+def test_vote_pool_streams_keepalives_then_the_winner(tmp_path: Path) -> None:
+    with vote_app(tmp_path) as client:
+        wait_ready(client)
+        body = {"model": "vote", "stream": True, "stream_options": {"include_usage": True}, **BODY}
+        response = client.post("/v1/chat/completions", json=body)
+        events = response.text.split("\n\n")
+        assert ": keep-alive" in events
+        data = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in data if c["choices"])
+        assert text == "42"
+        usage = data[-1]["usage"]
+        # 2 of 3 top samples agree (< 0.8): the next expert votes too; usage counts all six.
+        assert usage["completion_tokens"] == 12
+        assert data[-1]["chorus"]["vote"]["answers"] == {"42": 3, "41": 1, "7": 1, "8": 1}
+        assert data[-1]["chorus"]["experts"] == ["top", "next"]
+        metrics = client.get("/metrics").text
+        assert 'chorus_vote_agreement_ratio_count{pool="vote"} 1.0' in metrics
+        assert 'chorus_vote_escalations_total{pool="vote"} 1.0' in metrics  # 2/3 < 0.8
+
+
+def test_vote_pool_refuses_n_above_one(tmp_path: Path) -> None:
+    with vote_app(tmp_path) as client:
+        wait_ready(client)
+        response = client.post("/v1/chat/completions", json={"model": "vote", "n": 2, **BODY})
+        assert response.status_code == 400
+        assert response.json()["error"]["param"] == "n"
+
+
+def wait_ready(client: TestClient) -> None:
+    for _ in range(500):
+        if client.get("/health").status_code == 200:
+            return
+        threading.Event().wait(0.01)
+    raise TimeoutError("app did not become ready")

@@ -1,0 +1,169 @@
+"""The `vote` strategy: self-consistency over the top expert, escalating to the next one.
+
+Avengers' recipe: n samples from the top routed expert in one engine call, majority over the
+extracted answers. When that expert agrees with itself less than `escalate_below`, the next routed
+expert is sampled too and the vote runs over both, each sample weighted by its expert's
+consistency (`ensemble.voting`). The reply is the winning sample's own text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field, replace
+
+from ensemble.answers import AnswerFormat, extract
+from ensemble.engine import Engine
+from ensemble.types import (
+    EnsembleTrace,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+)
+from ensemble.voting import Sample, consistency_weights, top_share, vote
+
+
+@dataclass(slots=True)
+class _Sampled:
+    """One sample as it arrives: its chunks (re-sent if it wins) and what it cost."""
+
+    expert: str
+    chunks: list[GenerationChunk] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(c.text for c in self.chunks)
+
+    @property
+    def tokens(self) -> int:
+        return sum(c.tokens for c in self.chunks)
+
+    @property
+    def finish_reason(self) -> FinishReason:
+        return next((c.finish_reason for c in reversed(self.chunks) if c.finish_reason), "stop")
+
+    def mean_logprob(self) -> float:
+        values = [lp.logprob for c in self.chunks for lp in c.logprobs]
+        return sum(values) / len(values) if values else -math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    expert: str
+    samples: list[_Sampled]
+    prompt_tokens: int
+
+
+class VotingStrategy:
+    name = "vote"
+    max_n: int | None = 1  # one voted answer per request
+
+    def __init__(
+        self,
+        *,
+        samples: int = 5,
+        temperature: float = 0.7,
+        top_p: float = 1.0,
+        max_tokens: int | None = None,
+        escalate_below: float = 0.8,
+        answer_format: AnswerFormat = "auto",
+        keepalive_s: float = 1.0,
+    ) -> None:
+        self.samples = samples
+        self.temperature = temperature
+        self.top_p = top_p
+        self.max_tokens = max_tokens
+        self.escalate_below = escalate_below
+        self.answer_format = answer_format
+        self.keepalive_s = keepalive_s
+
+    async def run(
+        self, request: GenerationRequest, experts: Sequence[Engine], trace: EnsembleTrace
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        params = replace(
+            request.params,
+            n=self.samples,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=request.params.max_tokens or self.max_tokens,
+            logprobs=True,  # ties are broken by mean token log-probability
+        )
+        sampling = replace(request, params=params)
+        started = asyncio.Event()
+        runs: list[_Run] = []
+        top = asyncio.create_task(self._sample(experts[0], sampling, started))
+        async for beat in self._heartbeats(top, started, experts[0].name):
+            yield beat
+        runs.append(top.result())
+        escalated = top_share(self._samples(runs)) < self.escalate_below and len(experts) > 1
+        if escalated:
+            second = asyncio.create_task(self._sample(experts[1], sampling, asyncio.Event()))
+            async for beat in self._heartbeats(second, None, experts[0].name):
+                yield beat
+            runs.append(second.result())
+
+        samples = self._samples(runs)
+        names = [run.expert for run in runs]
+        weights = consistency_weights(samples, names) if escalated else {names[0]: 1.0}
+        result = vote(samples, weights)
+        trace.experts.extend(names)
+        trace.weights.extend(round(weights[n], 6) for n in names)
+        trace.details["vote"] = {
+            "answers": result.counts,
+            "answer": result.answer,
+            "agreement": round(result.agreement, 6),
+            "escalated": escalated,
+        }
+        winner = [s for run in runs for s in run.samples][result.winner]
+        # Account for every sample's tokens and every expert's prompt, then re-send the winner.
+        for run in runs:
+            losers = sum(s.tokens for s in run.samples if s is not winner)
+            yield GenerationChunk(run.expert, 0, "", losers, run.prompt_tokens)
+        for chunk in winner.chunks:
+            yield replace(chunk, index=0, prompt_tokens=0)
+
+    def _samples(self, runs: list[_Run]) -> list[Sample]:
+        return [
+            Sample(run.expert, s.text, extract(s.text, self.answer_format), s.mean_logprob())
+            for run in runs
+            for s in run.samples
+        ]
+
+    async def _sample(
+        self, expert: Engine, request: GenerationRequest, started: asyncio.Event
+    ) -> _Run:
+        samples = [_Sampled(expert.name) for _ in range(request.params.n)]
+        prompt_tokens = 0
+        async for chunk in expert.generate(request):
+            started.set()
+            prompt_tokens = chunk.prompt_tokens
+            samples[chunk.index].chunks.append(chunk)
+        return _Run(expert.name, samples, prompt_tokens)
+
+    async def _heartbeats(
+        self, task: asyncio.Task[_Run], started: asyncio.Event | None, expert: str
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        """Keep-alive chunks every `keepalive_s` until `task` ends.
+
+        With `started`, the first comes only once the expert produced content, so a failure
+        before that (a prompt too long, say) still propagates before any byte is sent.
+        """
+        try:
+            if started is not None:
+                waiter = asyncio.create_task(started.wait())
+                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if task.done():
+                    task.result()  # raises the expert's error, if any
+                    return
+                yield GenerationChunk(expert, 0, "", 0, 0, keepalive=True)
+            while not task.done():
+                done, _ = await asyncio.wait({task}, timeout=self.keepalive_s)
+                if not done:
+                    yield GenerationChunk(expert, 0, "", 0, 0, keepalive=True)
+            task.result()
+        finally:
+            if not task.done():  # the client went away: stop the expert's work
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
