@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Protocol, runtime_checkable
 
-from ensemble.types import GenerationChunk, GenerationRequest
+from ensemble.types import GenerationChunk, GenerationRequest, NextTokens
 
 
 @runtime_checkable
@@ -31,3 +31,37 @@ class Engine(Protocol):
     async def start(self) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+class DecodeSession(Protocol):
+    """One answer decoded step by step from outside the engine (token-level fusion).
+
+    `next_tokens` gives the expert's view of the next step; `extend` appends text chosen by
+    someone else (the engine re-tokenizes its tail); `extend_ids` appends tokens the expert itself
+    proposed (no re-tokenizing). Methods run one at a time per session.
+    """
+
+    expert: str
+    prompt_tokens: int
+
+    async def next_tokens(self, k: int, *, full: bool = False) -> NextTokens: ...
+
+    async def extend(self, text: str) -> None: ...
+
+    async def extend_ids(self, ids: tuple[int, ...], text: str) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class SessionEngine(Engine, Protocol):
+    """An engine that can open decode sessions. `vocabulary` identifies its tokenizer's
+    vocabulary: experts with equal values share token ids (needed for `dynamic` weights)."""
+
+    @property
+    def vocabulary(self) -> str: ...
+
+    @property
+    def default_stop(self) -> tuple[str, ...]: ...
+
+    async def open_session(self, request: GenerationRequest) -> DecodeSession: ...

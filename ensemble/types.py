@@ -88,3 +88,27 @@ class EnsembleTrace:
     experts: list[str] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A possible next piece of text from one expert, with its log-probability.
+
+    `end` marks end-of-sequence (its text is ""). `token_ids` is the expert's own tokens for it.
+    """
+
+    text: str
+    logprob: float
+    token_ids: tuple[int, ...] = ()
+    end: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NextTokens:
+    """An expert's view of the next step: its top candidates (renormalised over those kept), the
+    entropy of its whole next-token distribution, and that distribution (log-probabilities over
+    its vocabulary) where it was asked for and the engine has it."""
+
+    candidates: tuple[Candidate, ...]
+    entropy: float
+    distribution: Any = None

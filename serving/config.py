@@ -82,7 +82,40 @@ class VoteStrategyConfig(_Model):
     """Interval of SSE keep-alive comments while sampling."""
 
 
-StrategyConfig = Annotated[SingleStrategyConfig | VoteStrategyConfig, Field(discriminator="type")]
+class FuseStrategyConfig(_Model):
+    """Token-level fusion: the experts decode one answer together (see README, Fusion)."""
+
+    type: Literal["fuse"] = "fuse"
+    weighting: Literal["uniform", "static", "core", "dynamic"] = "uniform"
+    weights: dict[str, Annotated[float, Field(ge=0)]] = {}
+    """Per expert, for `static` weighting."""
+    candidates: Annotated[int, Field(ge=1, le=50)] = 10
+    """Top-k candidates per expert per step."""
+    gate: Annotated[float, Field(ge=0, le=1)] | None = None
+    """Fuse only when the primary's top probability is below this; None: fuse every step."""
+    beta: Annotated[float, Field(gt=0)] = 2.0
+    """Sharpness of CoRE's token-level filter (`core` weighting)."""
+    max_tokens: Annotated[int, Field(ge=1)] = 256
+    """Where the request leaves it out."""
+
+
+class CascadeStrategyConfig(_Model):
+    """A draft expert decodes; a stronger one takes over while the draft's entropy is high."""
+
+    type: Literal["cascade"] = "cascade"
+    draft: str | None = None
+    """The cheap expert; default: the last routed one."""
+    window: Annotated[int, Field(ge=1)] = 4
+    threshold: Annotated[float, Field(ge=0)] = 1.0
+    """Rolling mean of the draft's next-token entropy (nats) above which the strong one decides."""
+    candidates: Annotated[int, Field(ge=1, le=50)] = 10
+    max_tokens: Annotated[int, Field(ge=1)] = 256
+
+
+StrategyConfig = Annotated[
+    SingleStrategyConfig | VoteStrategyConfig | FuseStrategyConfig | CascadeStrategyConfig,
+    Field(discriminator="type"),
+]
 
 
 class PoolConfig(_Model):
@@ -242,6 +275,23 @@ def _cross_check(config: Config, base_dir: Path) -> list[tuple[str, str]]:
                 )
         if len(set(pool.experts)) != len(pool.experts):
             problems.append((f"pools.{pool_name}.experts", "an expert is listed twice"))
+        strategy = pool.strategy
+        if isinstance(strategy, FuseStrategyConfig):
+            for name in set(strategy.weights) - set(pool.experts):
+                problems.append(
+                    (f"pools.{pool_name}.strategy.weights.{name}", "not an expert of this pool")
+                )
+            if strategy.weighting == "static" and not any(strategy.weights.values()):
+                problems.append(
+                    (f"pools.{pool_name}.strategy.weights", "`static` weighting needs weights")
+                )
+        if isinstance(strategy, CascadeStrategyConfig) and strategy.draft not in (
+            None,
+            *pool.experts,
+        ):
+            problems.append(
+                (f"pools.{pool_name}.strategy.draft", f"{strategy.draft!r} is not in the pool")
+            )
     problem = _check_model_ref(config.router.embedder, base_dir)
     if problem:
         problems.append(("router.embedder", problem))

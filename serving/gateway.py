@@ -10,7 +10,10 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
+from ensemble.cascade import CascadeStrategy
 from ensemble.engine import Engine
+from ensemble.fuse import FusionStrategy
+from ensemble.stepwise import Step, StepObserver
 from ensemble.strategy import SingleStrategy, Strategy
 from ensemble.types import ChatMessage
 from ensemble.vote import VotingStrategy
@@ -19,7 +22,14 @@ from router.decision import RouteDecision
 from router.embedder import BatchingEmbedder
 from router.semantic import SemanticRouter
 from router.static import StaticRouter
-from serving.config import Config, PoolConfig, StrategyConfig, VoteStrategyConfig
+from serving.config import (
+    CascadeStrategyConfig,
+    Config,
+    FuseStrategyConfig,
+    PoolConfig,
+    StrategyConfig,
+    VoteStrategyConfig,
+)
 from serving.embedders import load_embedder
 from serving.engines import build_engine
 from serving.errors import ModelNotFoundError
@@ -29,9 +39,14 @@ logger = logging.getLogger(__name__)
 EMBEDDER = "embedder"
 
 
-def build_strategy(config: StrategyConfig) -> Strategy:
+def build_strategy(config: StrategyConfig, observer: StepObserver | None = None) -> Strategy:
+    settings = config.model_dump(exclude={"type"})
     if isinstance(config, VoteStrategyConfig):
-        return VotingStrategy(**config.model_dump(exclude={"type"}))
+        return VotingStrategy(**settings)
+    if isinstance(config, FuseStrategyConfig):
+        return FusionStrategy(**settings, observer=observer)
+    if isinstance(config, CascadeStrategyConfig):
+        return CascadeStrategy(**settings, observer=observer)
     return SingleStrategy()
 
 
@@ -71,7 +86,11 @@ class Gateway:
         self.targets: dict[str, Target] = {}
         for name, pool in config.pools.items():
             self.targets[name] = Target(
-                name, "pool", pool.experts, self._router(pool), build_strategy(pool.strategy)
+                name,
+                "pool",
+                pool.experts,
+                self._router(pool),
+                build_strategy(pool.strategy, partial(self._observe_step, name)),
             )
         for name in config.experts:
             self.targets[name] = Target(
@@ -81,6 +100,12 @@ class Gateway:
         self.load_errors: dict[str, str] = {}
         for name in self.engines:
             metrics.expert_healthy.labels(name).set(0)
+
+    def _observe_step(self, pool: str, step: Step) -> None:
+        self.metrics.fusion_steps.labels(pool).inc()
+        self.metrics.fusion_step_seconds.labels(pool).observe(step.seconds)
+        if step.gated:
+            self.metrics.fusion_gate_skips.labels(pool).inc()
 
     def _router(self, pool: PoolConfig) -> Router:
         if pool.router is None:
@@ -111,14 +136,29 @@ class Gateway:
                     self.load_errors[name] = str(result)
                 elif name != EMBEDDER:
                     self.metrics.expert_healthy.labels(name).set(1)
+            self._check_shared_vocabularies()
         finally:
             self.loading = False
+
+    def _check_shared_vocabularies(self) -> None:
+        """`dynamic` fusion needs one vocabulary; known only once the tokenizers are loaded."""
+        for name, pool in self.config.pools.items():
+            strategy = pool.strategy
+            if isinstance(strategy, FuseStrategyConfig) and strategy.weighting == "dynamic":
+                engines = [self.engines[e] for e in pool.experts]
+                vocabularies = {getattr(e, "vocabulary", None) for e in engines if e.ready}
+                if len(vocabularies) > 1:
+                    self.load_errors[name] = (
+                        "`dynamic` weighting needs experts that share one vocabulary"
+                    )
 
     async def aclose(self) -> None:
         closing = [e.aclose() for e in self.engines.values()] + [self.embedder.aclose()]
         await asyncio.gather(*closing, return_exceptions=True)
 
     def can_serve(self, target: Target) -> bool:
+        if target.kind == "pool" and target.model_id in self.load_errors:
+            return False
         if isinstance(target.router, SemanticRouter) and self.embedder.embedder is None:
             return False
         return any(self.engines[e].ready for e in target.experts)

@@ -72,6 +72,25 @@ class GatewayMetrics:
             ["pool"],
             registry=r,
         )
+        self.fusion_steps = Counter(
+            "chorus_fusion_steps",
+            "Pieces of text chosen by token-level strategies (fuse, cascade).",
+            ["pool"],
+            registry=r,
+        )
+        self.fusion_gate_skips = Counter(
+            "chorus_fusion_gate_skips",
+            "Fusion steps the primary decided alone, sure enough to skip the others.",
+            ["pool"],
+            registry=r,
+        )
+        self.fusion_step_seconds = Histogram(
+            "chorus_fusion_step_seconds",
+            "Time per token-level step, every expert asked included.",
+            ["pool"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
         self.expert_healthy = Gauge(
             "chorus_expert_healthy",
             "1 when the expert is loaded and serving, else 0.",

@@ -9,6 +9,8 @@ the prompt's prefill; finished samples are dropped from the batch.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -22,16 +24,19 @@ from typing import Any, TypeVar
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ensemble.engine import DecodeSession
 from ensemble.types import (
     FinishReason,
     GenerationChunk,
     GenerationRequest,
+    NextTokens,
     TokenLogprob,
     TopLogprob,
 )
 from serving import bundled
 from serving.config import TransformersExpertConfig
 from serving.engines.sampling import logprobs_of, sample
+from serving.engines.session import TransformersSession
 from serving.engines.text import SampleText
 from serving.errors import ContextLengthError, ExpertError, ServiceUnavailableError
 
@@ -70,6 +75,7 @@ class TransformersEngine:
         self._chat_template: str | None = None
         self._eos_ids: frozenset[int] = frozenset()
         self._context_window = 0
+        self._vocabulary = ""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -80,6 +86,14 @@ class TransformersEngine:
     @property
     def context_window(self) -> int:
         return self._context_window
+
+    @property
+    def vocabulary(self) -> str:
+        return self._vocabulary
+
+    @property
+    def default_stop(self) -> tuple[str, ...]:
+        return self.config.stop
 
     async def start(self) -> None:
         await self._run(self._load)
@@ -113,6 +127,8 @@ class TransformersEngine:
         self._context_window = self.config.max_model_len or int(
             getattr(model.config, "max_position_embeddings", 2048)
         )
+        vocab = sorted(tokenizer.get_vocab().items())
+        self._vocabulary = hashlib.sha1(json.dumps(vocab).encode()).hexdigest()
         self._model = model
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -145,21 +161,60 @@ class TransformersEngine:
         ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
         return ids
 
+    async def open_session(self, request: GenerationRequest) -> DecodeSession:
+        if not self.ready:
+            raise ServiceUnavailableError(f"expert {self.name} is not loaded yet")
+        prompt_ids = await self._run(self._checked_prompt, request)
+        session = TransformersSession(self._model, self._tokenizer, prompt_ids, self._eos_ids)
+        return _AsyncSession(self, session)
+
+    def _checked_prompt(self, request: GenerationRequest) -> list[int]:
+        prompt_ids = self.encode_prompt(request)
+        self._check_room(len(prompt_ids), request.params.max_tokens)
+        return prompt_ids
+
+    def _check_room(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """Tokens left for the completion; a prompt that leaves none is a 400."""
+        room = self._context_window - prompt_tokens
+        if room <= 0 or (max_tokens is not None and max_tokens > room):
+            asked = max_tokens or 1
+            raise ContextLengthError(
+                f"This model's maximum context length is {self._context_window} tokens. "
+                f"However, you requested {prompt_tokens + asked} tokens "
+                f"({prompt_tokens} in the messages, {asked} in the completion).",
+                param="messages",
+            )
+        return room
+
     def _begin(self, request: GenerationRequest) -> _Run:
         prompt_ids = self.encode_prompt(request)
         params = request.params
-        room = self._context_window - len(prompt_ids)
-        if room <= 0 or (params.max_tokens is not None and params.max_tokens > room):
-            asked = params.max_tokens or 1
-            raise ContextLengthError(
-                f"This model's maximum context length is {self._context_window} tokens. "
-                f"However, you requested {len(prompt_ids) + asked} tokens "
-                f"({len(prompt_ids)} in the messages, {asked} in the completion).",
-                param="messages",
-            )
+        room = self._check_room(len(prompt_ids), params.max_tokens)
         defaults = self.config.defaults
         max_tokens = params.max_tokens or min(defaults.max_tokens or room, room)
         return _Run(self, request, prompt_ids, max_tokens)
+
+
+class _AsyncSession:
+    """The event-loop side of a `TransformersSession`: every call is a job on the worker."""
+
+    def __init__(self, engine: TransformersEngine, session: TransformersSession) -> None:
+        self.expert = engine.name
+        self.prompt_tokens = session.prompt_len
+        self._engine = engine
+        self._session = session
+
+    async def next_tokens(self, k: int, *, full: bool = False) -> NextTokens:
+        return await self._engine._run(self._session.next_tokens, k, full)
+
+    async def extend(self, text: str) -> None:
+        await self._engine._run(self._session.extend, text)
+
+    async def extend_ids(self, ids: tuple[int, ...], text: str) -> None:
+        await self._engine._run(self._session.extend_ids, list(ids), text)
+
+    async def aclose(self) -> None:
+        self._engine._executor.submit(self._session.close)
 
 
 class _Run:

@@ -172,7 +172,7 @@ def test_empty_messages_is_400(client: openai.OpenAI) -> None:
 
 def test_models_lists_experts_and_pools(client: openai.OpenAI) -> None:
     ids = {m.id for m in client.models.list()}
-    assert ids == {"auto", "smollm2-135m-instruct", "gemma3-270m"}
+    assert ids == {"auto", "vote", "fuse", "smollm2-135m-instruct", "gemma3-270m"}
 
 
 HOSTILE = [
@@ -309,3 +309,31 @@ def test_eval_command_writes_report_chart_and_results(server: ServerProcess, tmp
     report = (out / "report.md").read_text()
     assert "| smollm2-135m-instruct |" in report and "| geo |" in report
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fuse_pool_streams_through_the_sdk(server: ServerProcess, client: openai.OpenAI) -> None:
+    question = [{"role": "user", "content": "What is 8 times 5?"}]
+    plain = client.chat.completions.create(model="fuse", messages=question, max_tokens=16)
+    fusion = plain.model_extra["chorus"]["fusion"]
+    assert plain.model_extra["chorus"]["strategy"] == "fuse"
+    assert set(fusion["share"]) == {SMOLLM2, GEMMA} and 0 <= fusion["gate_skip_rate"] <= 1
+    assert plain.usage is not None and plain.usage.completion_tokens == fusion["steps"]
+
+    stream = client.chat.completions.create(
+        model="fuse", messages=question, max_tokens=16, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    pieces = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    assert len(pieces) > 1  # fused tokens stream as they are chosen
+    assert "".join(pieces) == plain.choices[0].message.content  # greedy both times
+    assert chunks[-1].usage is not None
+
+    text = httpx.get(f"{server.url}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    steps = [s.value for s in families["chorus_fusion_steps"].samples
+             if s.name == "chorus_fusion_steps_total" and s.labels["pool"] == "fuse"]  # fmt: skip
+    assert steps and steps[0] >= 2 * fusion["steps"]
+    assert "chorus_fusion_gate_skips" in families and "chorus_fusion_step_seconds" in families

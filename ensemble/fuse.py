@@ -1,0 +1,191 @@
+"""The `fuse` strategy: several experts decode one answer together, token by token.
+
+Each step the primary (the router's first choice, whose tokenizer defines the output) gives its
+next-token candidates. If it is sure (top probability >= `gate`), its token is taken without
+asking the others (GaC's thresholded mode). Otherwise every expert gives its candidates, they are
+aligned on text (`ensemble.fusion`), weighted (uniform, static, CoRE consistency, or dynamic for
+experts sharing a vocabulary), fused, and one piece is chosen; every expert then continues from
+the same text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+
+from ensemble import fusion
+from ensemble.engine import Engine
+from ensemble.stepwise import Step, StepObserver, Stepper, own_choice, session_engines
+from ensemble.types import Candidate, EnsembleTrace, GenerationChunk, GenerationRequest, NextTokens
+
+Weighting = Literal["uniform", "static", "core", "dynamic"]
+
+
+class FusionStrategy:
+    name = "fuse"
+    max_n: int | None = 1
+
+    def __init__(
+        self,
+        *,
+        weighting: Weighting = "uniform",
+        weights: Mapping[str, float] | None = None,
+        candidates: int = 10,
+        gate: float | None = None,
+        beta: float = 2.0,
+        max_tokens: int = 256,
+        observer: StepObserver | None = None,
+    ) -> None:
+        self.weighting = weighting
+        self.weights = dict(weights or {})
+        self.candidates = candidates
+        self.gate = gate
+        self.beta = beta
+        self.max_tokens = max_tokens
+        self.observer = observer
+
+    async def run(
+        self, request: GenerationRequest, experts: Sequence[Engine], trace: EnsembleTrace
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        engines = session_engines(experts, self.name)
+        names = [e.name for e in engines]
+        if self.weighting == "dynamic" and len({e.vocabulary for e in engines}) > 1:
+            raise ValueError("`dynamic` weights need experts that share one vocabulary")
+        params = request.params
+        max_tokens = params.max_tokens or self.max_tokens
+        stepper = await Stepper.open(engines, request, max_tokens)
+        rng = np.random.default_rng(params.seed)
+        temperature = params.temperature if params.temperature is not None else 0.0
+        top_p = params.top_p if params.top_p is not None else 1.0
+        produced: Counter[str] = Counter()
+        weight_sums = np.zeros(len(engines))
+        fused_steps = gated_steps = 0
+        try:
+            while True:
+                started = time.perf_counter()
+                primary = await stepper.view(0, self.candidates, full=self.weighting == "dynamic")
+                top = max(primary.candidates, key=lambda c: c.logprob)
+                gated = len(engines) == 1 or (
+                    self.gate is not None and math.exp(top.logprob) >= self.gate
+                )
+                if gated:
+                    views: list[NextTokens | None] = [primary] + [None] * (len(engines) - 1)
+                    chosen = own_choice(primary, temperature, top_p, rng)
+                    step_weights = np.eye(len(engines))[0]
+                    producer = names[0]
+                    gated_steps += len(engines) > 1
+                else:
+                    others = await asyncio.gather(
+                        *(
+                            stepper.view(i, self.candidates, full=self.weighting == "dynamic")
+                            for i in range(1, len(engines))
+                        )
+                    )
+                    views = [primary, *others]
+                    chosen, step_weights, producer = self._fuse(
+                        [primary, *others], names, top, temperature, top_p, rng
+                    )
+                    fused_steps += 1
+                    weight_sums += step_weights
+                produced[producer] += 1
+                text, finish = stepper.commit(chosen, views)
+                if self.observer is not None:
+                    self.observer(
+                        Step(
+                            chosen.text,
+                            producer,
+                            dict(zip(names, map(float, step_weights), strict=True)),
+                            gated,
+                            time.perf_counter() - started,
+                        )
+                    )
+                if text or finish:
+                    yield stepper.chunk(text, finish)
+                if finish:
+                    break
+            for chunk in stepper.accounting():
+                yield chunk
+        finally:
+            await stepper.aclose()
+            steps = max(stepper.steps, 1)
+            mean = weight_sums / fused_steps if fused_steps else np.eye(len(engines))[0]
+            trace.experts.extend(names)
+            trace.weights.extend(round(float(w), 6) for w in mean)
+            trace.details["fusion"] = {
+                "weighting": self.weighting,
+                "steps": stepper.steps,
+                "share": {n: round(produced[n] / steps, 4) for n in names},
+                "gate_skip_rate": round(gated_steps / steps, 4) if len(engines) > 1 else 0.0,
+            }
+
+    def _fuse(
+        self,
+        views: list[NextTokens],
+        names: list[str],
+        primary_top: Candidate,
+        temperature: float,
+        top_p: float,
+        rng: np.random.Generator,
+    ) -> tuple[Candidate, np.ndarray, str]:
+        if self.weighting == "dynamic":
+            return self._fuse_dynamic(views, names, temperature, top_p, rng)
+        keys = fusion.union_keys(views)
+        matrix = fusion.expert_matrix(views, keys)
+        filters = None
+        if self.weighting == "core":
+            weights, filters = fusion.core_weights(matrix, self.beta)
+        elif self.weighting == "static":
+            weights = fusion.static_weights(names, self.weights)
+        else:
+            weights = fusion.uniform_weights(len(names))
+        fused = fusion.fuse(matrix, weights, filters)
+        index = fusion.pick(
+            keys, fused, primary_top.text, temperature=temperature, top_p=top_p, rng=rng
+        )
+        key = keys[index]
+        producer = names[int(np.argmax(weights * matrix[:, index]))]
+        return Candidate(key, math.log(fused[index]), (), end=key == fusion.END), weights, producer
+
+    def _fuse_dynamic(
+        self,
+        views: list[NextTokens],
+        names: list[str],
+        temperature: float,
+        top_p: float,
+        rng: np.random.Generator,
+    ) -> tuple[Candidate, np.ndarray, str]:
+        # Same vocabulary: fuse whole distributions, then read the text off the primary's view
+        # or, for a token outside it, off the expert that proposed it.
+        dists = [np.asarray(v.distribution.numpy(), dtype=np.float64) for v in views]
+        weights = fusion.dynamic_weights(dists)
+        pooled = fusion.log_linear(dists, weights)
+        top_ids = np.argsort(-pooled)[: self.candidates]
+        by_id = {c.token_ids[0]: c for v in views for c in v.candidates if len(c.token_ids) == 1}
+        options = [by_id[i] for i in top_ids if i in by_id] or [views[0].candidates[0]]
+        probs = np.exp([pooled[c.token_ids[0]] if c.token_ids else -50.0 for c in options])
+        keys = [c.text for c in options]
+        index = fusion.pick(
+            keys, probs / probs.sum(), keys[0], temperature=temperature, top_p=top_p, rng=rng
+        )
+        chosen = options[index]
+        producer = (
+            names[
+                int(
+                    np.argmax(
+                        [
+                            w * math.exp(d[chosen.token_ids[0]])
+                            for w, d in zip(weights, dists, strict=True)
+                        ]
+                    )
+                )
+            ]
+            if chosen.token_ids
+            else names[0]
+        )
+        return chosen, weights, producer

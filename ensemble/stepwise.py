@@ -1,0 +1,136 @@
+"""What token-level strategies share: decode sessions kept in step with the chosen text, stop
+strings, length limits, output chunks, and a record of every step."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ensemble.engine import DecodeSession, Engine, SessionEngine
+from ensemble.fusion import pick
+from ensemble.text import StopScanner
+from ensemble.types import Candidate, FinishReason, GenerationChunk, GenerationRequest, NextTokens
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One chosen piece of text: who it came from, with what weights, and what it cost."""
+
+    text: str
+    producer: str  # the expert credited with the piece
+    weights: dict[str, float]  # the weights used; {primary: 1.0} on a gated step
+    gated: bool  # the primary was sure enough to decide alone
+    seconds: float
+
+
+StepObserver = Callable[[Step], None]
+
+
+def session_engines(experts: Sequence[Engine], strategy: str) -> list[SessionEngine]:
+    engines = [e for e in experts if isinstance(e, SessionEngine)]
+    if len(engines) != len(experts):
+        missing = [e.name for e in experts if not isinstance(e, SessionEngine)]
+        raise TypeError(f"`{strategy}` needs engines with decode sessions; {missing} have none")
+    return engines
+
+
+def own_choice(
+    view: NextTokens, temperature: float, top_p: float, rng: np.random.Generator
+) -> Candidate:
+    """One expert's own pick from its candidates: its top one, or a sample."""
+    ranked = sorted(view.candidates, key=lambda c: -c.logprob)
+    if temperature == 0:
+        return ranked[0]
+    keys = [c.text for c in ranked]
+    probs = np.exp([c.logprob for c in ranked])
+    index = pick(keys, probs / probs.sum(), keys[0], temperature=temperature, top_p=top_p, rng=rng)
+    return ranked[index]
+
+
+class Stepper:
+    """Sessions for one request. Text chosen for the answer reaches each session lazily, just
+    before that session is asked for its next view, so an expert that sits out steps (gating,
+    cascades) costs nothing until it is needed."""
+
+    def __init__(self, sessions: Sequence[DecodeSession], stops: Sequence[str], max_tokens: int):
+        self.sessions = list(sessions)
+        self.scanner = StopScanner(stops)
+        self.max_tokens = max_tokens
+        self.steps = 0
+        self._pending: list[list[tuple[str, tuple[int, ...]]]] = [[] for _ in sessions]
+
+    @classmethod
+    async def open(
+        cls, engines: Sequence[SessionEngine], request: GenerationRequest, max_tokens: int
+    ) -> Stepper:
+        """Sessions on every engine (the first is the primary). Stop strings are the request's
+        and every expert's own: a base model's "\nUser:" ends the shared answer too, or text the
+        other experts proposed would run on into an invented next turn."""
+        opening = replace(request, params=replace(request.params, max_tokens=max_tokens, n=1))
+        results = await asyncio.gather(
+            *(e.open_session(opening) for e in engines), return_exceptions=True
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        opened = [r for r in results if not isinstance(r, BaseException)]
+        if failed:
+            await asyncio.gather(*(s.aclose() for s in opened))
+            raise failed[0]
+        stops = (*(s for e in engines for s in e.default_stop), *request.params.stop)
+        return cls(opened, stops, max_tokens)
+
+    async def view(self, i: int, k: int, *, full: bool = False) -> NextTokens:
+        session = self.sessions[i]
+        for text, ids in self._drain(i):
+            if ids:
+                await session.extend_ids(ids, text)
+            else:
+                await session.extend(text)
+        return await session.next_tokens(k, full=full)
+
+    def _drain(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
+        """Pending pieces, consecutive plain-text ones merged into one `extend`."""
+        merged: list[tuple[str, tuple[int, ...]]] = []
+        for text, ids in self._pending[i]:
+            if merged and not ids and not merged[-1][1]:
+                merged[-1] = (merged[-1][0] + text, ())
+            else:
+                merged.append((text, ids))
+        self._pending[i] = []
+        return merged
+
+    def commit(
+        self, chosen: Candidate, own: Sequence[NextTokens | None]
+    ) -> tuple[str, FinishReason | None]:
+        """Append the chosen piece to the answer and queue it for every session.
+
+        A session whose own view held this very text gets its own tokens for it; the others
+        get the text to re-tokenize. Returns the text safe to emit and why the answer ended.
+        """
+        self.steps += 1
+        if chosen.end:
+            return self.scanner.flush(), "stop"
+        for i, view in enumerate(own):
+            ids: tuple[int, ...] = ()
+            if view is not None:
+                ids = next((c.token_ids for c in view.candidates if c.text == chosen.text), ())
+            self._pending[i].append((chosen.text, ids))
+        delta = self.scanner.push(chosen.text)
+        if self.scanner.stopped:
+            return delta, "stop"
+        if self.steps >= self.max_tokens:
+            return delta + self.scanner.flush(), "length"
+        return delta, None
+
+    def chunk(self, text: str, finish: FinishReason | None) -> GenerationChunk:
+        primary = self.sessions[0]
+        return GenerationChunk(primary.expert, 0, text, 1, primary.prompt_tokens, (), finish)
+
+    def accounting(self) -> list[GenerationChunk]:
+        """Zero-text chunks carrying the other experts' prompt tokens, for usage."""
+        return [GenerationChunk(s.expert, 0, "", 0, s.prompt_tokens) for s in self.sessions[1:]]
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(s.aclose() for s in self.sessions))

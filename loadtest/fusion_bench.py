@@ -1,0 +1,98 @@
+"""Fusion speed against each expert alone, side by side on the same prompts.
+
+    .venv/bin/python loadtest/fusion_bench.py [--tokens 32] [--rounds 2]
+
+For every prompt, in turn: SmolLM2 greedy, Gemma greedy, then fusion (uniform, core, gated
+uniform at 0.5), each `--tokens` long at most; tokens/s is pieces chosen per second for fusion
+and tokens per second for the experts. The two-expert ceiling when both run one after the other
+on the same cores is 1 / (1/a + 1/b) for expert speeds a and b.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from ensemble.fuse import FusionStrategy
+from ensemble.types import ChatMessage, EnsembleTrace, GenerationRequest, SamplingParams
+from serving.config import load_config
+from serving.engines.transformers import TransformersEngine
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle works.",
+    "List some facts about the Moon.",
+    "What is 12 times 7?",
+]
+VARIANTS = {
+    "uniform": FusionStrategy(weighting="uniform"),
+    "core": FusionStrategy(weighting="core"),
+    "gated-0.5": FusionStrategy(weighting="uniform", gate=0.5),
+}
+
+
+async def timed_greedy(engine: TransformersEngine, req: GenerationRequest) -> tuple[int, float]:
+    started = time.perf_counter()
+    tokens = sum([c.tokens async for c in engine.generate(req)])
+    return tokens, time.perf_counter() - started
+
+
+async def timed_fusion(
+    strategy: FusionStrategy, req: GenerationRequest, engines: list[TransformersEngine]
+) -> tuple[int, float, dict[str, object]]:
+    trace = EnsembleTrace()
+    started = time.perf_counter()
+    async for _ in strategy.run(req, engines, trace):
+        pass
+    elapsed = time.perf_counter() - started
+    return int(trace.details["fusion"]["steps"]), elapsed, trace.details["fusion"]
+
+
+async def main(tokens: int, rounds: int) -> None:
+    config = load_config(ROOT / "configs" / "default.yaml", check_artifacts=False)
+    smollm2 = TransformersEngine("smollm2-135m-instruct", config.experts["smollm2-135m-instruct"])
+    gemma = TransformersEngine("gemma3-270m", config.experts["gemma3-270m"])
+    await smollm2.start()
+    await gemma.start()
+    made: dict[str, int] = defaultdict(int)
+    spent: dict[str, float] = defaultdict(float)
+    skips: dict[str, list[float]] = defaultdict(list)
+    for _ in range(rounds):
+        for prompt in PROMPTS:
+            params = SamplingParams(max_tokens=tokens, temperature=0.0)
+            req = GenerationRequest("bench", (ChatMessage("user", prompt),), params)
+            for name, engine in (("smollm2", smollm2), ("gemma", gemma)):
+                n, seconds = await timed_greedy(engine, req)
+                made[name] += n
+                spent[name] += seconds
+            for name, strategy in VARIANTS.items():
+                n, seconds, details = await timed_fusion(strategy, req, [smollm2, gemma])
+                made[name] += n
+                spent[name] += seconds
+                skips[name].append(float(details["gate_skip_rate"]))  # type: ignore[arg-type]
+    speed = {name: made[name] / spent[name] for name in made}
+    a, b = speed["smollm2"], speed["gemma"]
+    ceiling = 1 / (1 / a + 1 / b)
+    report = {
+        "tokens_per_s": {k: round(v, 2) for k, v in speed.items()},
+        "ceiling_tokens_per_s": round(ceiling, 2),
+        "of_ceiling": {k: round(speed[k] / ceiling, 3) for k in VARIANTS},
+        "of_slower_expert": {k: round(speed[k] / min(a, b), 3) for k in VARIANTS},
+        "gate_skip_rate": {k: round(sum(v) / len(v), 3) for k, v in skips.items()},
+    }
+    print(json.dumps(report, indent=2))
+    await smollm2.aclose()
+    await gemma.aclose()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    asyncio.run(main(args.tokens, args.rounds))
