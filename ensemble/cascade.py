@@ -8,13 +8,13 @@ chooses the token, otherwise the draft's own choice stands. Both continue from t
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 
 import numpy as np
 
 from ensemble.engine import Engine
-from ensemble.stepwise import Step, StepObserver, Stepper, own_choice, session_engines
+from ensemble.stepwise import StepObserver, Stepper, own_choice, session_engines
 from ensemble.types import EnsembleTrace, GenerationChunk, GenerationRequest, NextTokens
 
 
@@ -58,9 +58,9 @@ class CascadeStrategy:
         top_p = params.top_p if params.top_p is not None else 1.0
         rng = np.random.default_rng(params.seed)
         recent: deque[float] = deque(maxlen=self.window)
-        produced: Counter[str] = Counter()
+        stepper.observer = self.observer
         try:
-            while True:
+            while not stepper.finished:
                 started = time.perf_counter()
                 draft_view = await stepper.view(draft_index, self.candidates)
                 recent.append(draft_view.entropy)
@@ -74,25 +74,22 @@ class CascadeStrategy:
                 view = views[chooser]
                 assert view is not None
                 chosen = own_choice(view, temperature, top_p, rng)
-                produced[names[chooser]] += 1
-                text, finish = stepper.commit(chosen, views)
-                if self.observer is not None:
-                    weights = {n: float(i == chooser) for i, n in enumerate(names)}
-                    elapsed = time.perf_counter() - started
-                    self.observer(Step(chosen.text, names[chooser], weights, False, elapsed))
-                if text or finish:
-                    yield stepper.chunk(text, finish)
-                if finish:
-                    break
+                weights = {n: float(i == chooser) for i, n in enumerate(names)}
+                chunk = stepper.choose(
+                    chosen, views, producer=names[chooser], weights=weights, gated=False,
+                    started=started,
+                )  # fmt: skip
+                if chunk is not None:
+                    yield chunk
             for chunk in stepper.accounting():
                 yield chunk
         finally:
             await stepper.aclose()
-            steps = max(stepper.steps, 1)
+            shares = stepper.shares()
             trace.experts.extend(names)
-            trace.weights.extend(round(produced[n] / steps, 6) for n in names)
+            trace.weights.extend(shares[n] for n in names)
             trace.details["cascade"] = {
                 "draft": names[draft_index],
                 "steps": stepper.steps,
-                "share": {n: round(produced[n] / steps, 4) for n in names},
+                "share": shares,
             }

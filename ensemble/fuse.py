@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import Counter
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Literal
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from ensemble import fusion
 from ensemble.engine import Engine
-from ensemble.stepwise import Step, StepObserver, Stepper, own_choice, session_engines
+from ensemble.stepwise import StepObserver, Stepper, own_choice, session_engines
 from ensemble.types import Candidate, EnsembleTrace, GenerationChunk, GenerationRequest, NextTokens
 
 Weighting = Literal["uniform", "static", "core", "dynamic"]
@@ -63,11 +62,11 @@ class FusionStrategy:
         rng = np.random.default_rng(params.seed)
         temperature = params.temperature if params.temperature is not None else 0.0
         top_p = params.top_p if params.top_p is not None else 1.0
-        produced: Counter[str] = Counter()
+        stepper.observer = self.observer
         weight_sums = np.zeros(len(engines))
         fused_steps = gated_steps = 0
         try:
-            while True:
+            while not stepper.finished:
                 started = time.perf_counter()
                 primary = await stepper.view(0, self.candidates, full=self.weighting == "dynamic")
                 top = max(primary.candidates, key=lambda c: c.logprob)
@@ -93,22 +92,12 @@ class FusionStrategy:
                     )
                     fused_steps += 1
                     weight_sums += step_weights
-                produced[producer] += 1
-                text, finish = stepper.commit(chosen, views)
-                if self.observer is not None:
-                    self.observer(
-                        Step(
-                            chosen.text,
-                            producer,
-                            dict(zip(names, map(float, step_weights), strict=True)),
-                            gated,
-                            time.perf_counter() - started,
-                        )
-                    )
-                if text or finish:
-                    yield stepper.chunk(text, finish)
-                if finish:
-                    break
+                weights = dict(zip(names, map(float, step_weights), strict=True))
+                chunk = stepper.choose(
+                    chosen, views, producer=producer, weights=weights, gated=gated, started=started
+                )
+                if chunk is not None:
+                    yield chunk
             for chunk in stepper.accounting():
                 yield chunk
         finally:
@@ -120,7 +109,7 @@ class FusionStrategy:
             trace.details["fusion"] = {
                 "weighting": self.weighting,
                 "steps": stepper.steps,
-                "share": {n: round(produced[n] / steps, 4) for n in names},
+                "share": stepper.shares(),
                 "gate_skip_rate": round(gated_steps / steps, 4) if len(engines) > 1 else 0.0,
             }
 
@@ -162,7 +151,7 @@ class FusionStrategy:
     ) -> tuple[Candidate, np.ndarray, str]:
         # Same vocabulary: fuse whole distributions, then read the text off the primary's view
         # or, for a token outside it, off the expert that proposed it.
-        dists = [np.asarray(v.distribution.numpy(), dtype=np.float64) for v in views]
+        dists = [np.asarray(v.distribution, dtype=np.float64) for v in views]
         weights = fusion.dynamic_weights(dists)
         pooled = fusion.log_linear(dists, weights)
         top_ids = np.argsort(-pooled)[: self.candidates]
@@ -174,18 +163,6 @@ class FusionStrategy:
             keys, probs / probs.sum(), keys[0], temperature=temperature, top_p=top_p, rng=rng
         )
         chosen = options[index]
-        producer = (
-            names[
-                int(
-                    np.argmax(
-                        [
-                            w * math.exp(d[chosen.token_ids[0]])
-                            for w, d in zip(weights, dists, strict=True)
-                        ]
-                    )
-                )
-            ]
-            if chosen.token_ids
-            else names[0]
-        )
-        return chosen, weights, producer
+        token = chosen.token_ids[0]
+        credit = [w * math.exp(d[token]) for w, d in zip(weights, dists, strict=True)]
+        return chosen, weights, names[int(np.argmax(credit))]

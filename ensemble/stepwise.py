@@ -4,7 +4,9 @@ strings, length limits, output chunks, and a record of every step."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -60,6 +62,9 @@ class Stepper:
         self.scanner = StopScanner(stops)
         self.max_tokens = max_tokens
         self.steps = 0
+        self.finished = False
+        self.produced: Counter[str] = Counter()  # pieces credited to each expert
+        self.observer: StepObserver | None = None
         self._pending: list[list[tuple[str, tuple[int, ...]]]] = [[] for _ in sessions]
 
     @classmethod
@@ -100,6 +105,29 @@ class Stepper:
                 merged.append((text, ids))
         self._pending[i] = []
         return merged
+
+    def choose(
+        self,
+        chosen: Candidate,
+        views: Sequence[NextTokens | None],
+        *,
+        producer: str,
+        weights: Mapping[str, float],
+        gated: bool,
+        started: float,
+    ) -> GenerationChunk | None:
+        """Take one step's choice: record it, tell the observer, and return what to stream."""
+        text, finish = self.commit(chosen, views)
+        self.produced[producer] += 1
+        self.finished = finish is not None
+        if self.observer is not None:
+            seconds = time.perf_counter() - started
+            self.observer(Step(chosen.text, producer, dict(weights), gated, seconds))
+        return self.chunk(text, finish) if text or finish else None
+
+    def shares(self) -> dict[str, float]:
+        steps = max(self.steps, 1)
+        return {s.expert: round(self.produced[s.expert] / steps, 4) for s in self.sessions}
 
     def commit(
         self, chosen: Candidate, own: Sequence[NextTokens | None]

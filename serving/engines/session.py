@@ -105,7 +105,7 @@ class TransformersSession:
             for text, m in mass.items()
         )
         entropy = float(-(logp.exp() * logp).sum())
-        return NextTokens(candidates, entropy, logp if full else None)
+        return NextTokens(candidates, entropy, logp.numpy() if full else None)
 
     def _piece(self, token: int) -> str:
         piece = self._pieces.get(token)
