@@ -36,7 +36,7 @@ class Engine(Protocol):
 class DecodeSession(Protocol):
     """One answer decoded step by step from outside the engine (token-level fusion).
 
-    `next_tokens` gives the expert's view of the next step; `extend` appends text chosen by
+    `top_k` gives the expert's view of the next step; `extend` appends text chosen by
     someone else (the engine re-tokenizes its tail); `extend_ids` appends tokens the expert itself
     proposed (no re-tokenizing). Methods run one at a time per session.
     """
@@ -44,7 +44,7 @@ class DecodeSession(Protocol):
     expert: str
     prompt_tokens: int
 
-    async def next_tokens(self, k: int, *, full: bool = False) -> NextTokens: ...
+    async def top_k(self, k: int, *, full: bool = False) -> NextTokens: ...
 
     async def extend(self, text: str) -> None: ...
 

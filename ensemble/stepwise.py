@@ -93,7 +93,7 @@ class Stepper:
                 await session.extend_ids(ids, text)
             else:
                 await session.extend(text)
-        return await session.next_tokens(k, full=full)
+        return await session.top_k(k, full=full)
 
     def _drain(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
         """Pending pieces, consecutive plain-text ones merged into one `extend`."""

@@ -2,8 +2,9 @@
 
 Avengers' recipe: n samples from the top routed expert in one engine call, majority over the
 extracted answers. When that expert agrees with itself less than `escalate_below`, the next routed
-expert is sampled too and the vote runs over both, each sample weighted by its expert's
-consistency (`ensemble.voting`). The reply is the winning sample's own text.
+expert's samples join the vote, each sample weighted by its expert's consistency
+(`ensemble.voting`). By default the next expert samples concurrently from the start and its work
+is cancelled when the vote does not need it. The reply is the winning sample's own text.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class VotingStrategy:
         escalate_below: float = 0.8,
         answer_format: AnswerFormat = "auto",
         keepalive_s: float = 1.0,
+        concurrent: bool = True,
     ) -> None:
         self.samples = samples
         self.temperature = temperature
@@ -77,6 +79,7 @@ class VotingStrategy:
         self.escalate_below = escalate_below
         self.answer_format = answer_format
         self.keepalive_s = keepalive_s
+        self.concurrent = concurrent
 
     async def run(
         self, request: GenerationRequest, experts: Sequence[Engine], trace: EnsembleTrace
@@ -93,15 +96,26 @@ class VotingStrategy:
         started = asyncio.Event()
         runs: list[_Run] = []
         top = asyncio.create_task(self._sample(experts[0], sampling, started))
-        async for beat in self._heartbeats(top, started, experts[0].name):
-            yield beat
-        runs.append(top.result())
-        escalated = top_share(self._samples(runs)) < self.escalate_below and len(experts) > 1
-        if escalated:
+        second = None
+        if self.concurrent and len(experts) > 1:  # sample both now; drop the second if unneeded
             second = asyncio.create_task(self._sample(experts[1], sampling, asyncio.Event()))
-            async for beat in self._heartbeats(second, None, experts[0].name):
+        try:
+            async for beat in self._heartbeats(top, started, experts[0].name):
                 yield beat
-            runs.append(second.result())
+            runs.append(top.result())
+            escalated = top_share(self._samples(runs)) < self.escalate_below and len(experts) > 1
+            if escalated:
+                if second is None:
+                    second = asyncio.create_task(
+                        self._sample(experts[1], sampling, asyncio.Event())
+                    )
+                async for beat in self._heartbeats(second, None, experts[0].name):
+                    yield beat
+                runs.append(second.result())
+        finally:
+            if second is not None and not second.done():
+                second.cancel()  # not escalated (or the client left): stop its engine work
+                await asyncio.gather(second, return_exceptions=True)
 
         samples = self._samples(runs)
         names = [run.expert for run in runs]

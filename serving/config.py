@@ -80,6 +80,9 @@ class VoteStrategyConfig(_Model):
     answer_format: Literal["auto", "number", "choice", "short", "text"] = "auto"
     keepalive_s: Annotated[float, Field(gt=0, le=30)] = 1.0
     """Interval of SSE keep-alive comments while sampling."""
+    concurrent: bool = True
+    """Sample the next expert alongside the top one from the start (lower latency when the vote
+    escalates; its work is cancelled when it does not). False: only after escalating."""
 
 
 class FuseStrategyConfig(_Model):

@@ -70,7 +70,7 @@ class TransformersSession:
     # -- candidates out ----------------------------------------------------------------------
 
     @torch.inference_mode()
-    def next_tokens(self, k: int, full: bool = False) -> NextTokens:
+    def top_k(self, k: int, full: bool = False) -> NextTokens:
         """The `k` most likely next pieces of text, renormalised over what is kept.
 
         Special tokens other than end-of-sequence are dropped; every end-of-sequence token

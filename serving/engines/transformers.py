@@ -204,8 +204,8 @@ class _AsyncSession:
         self._engine = engine
         self._session = session
 
-    async def next_tokens(self, k: int, *, full: bool = False) -> NextTokens:
-        return await self._engine._run(self._session.next_tokens, k, full)
+    async def top_k(self, k: int, *, full: bool = False) -> NextTokens:
+        return await self._engine._run(self._session.top_k, k, full)
 
     async def extend(self, text: str) -> None:
         await self._engine._run(self._session.extend, text)

@@ -105,7 +105,7 @@ def reply(chunks: list[GenerationChunk]) -> str:
 def test_agreeing_top_expert_is_not_escalated() -> None:
     top = ScriptedSamples("top", [("4", -0.1), ("4", -0.2), ("4", -0.3), ("4", -0.1), ("5", -0.1)])
     second = ScriptedSamples("second", [("9", -0.1)])
-    chunks, trace = run(VotingStrategy(samples=5), top, second)
+    chunks, trace = run(VotingStrategy(samples=5, concurrent=False), top, second)
     assert reply(chunks) == "4"
     assert second.calls == []
     assert trace.experts == ["top"]
@@ -136,8 +136,17 @@ def test_disagreeing_top_expert_escalates_and_both_vote() -> None:
 def test_threshold_zero_never_escalates() -> None:
     top = ScriptedSamples("top", [("1", -0.1), ("2", -0.1), ("3", -0.1)])
     second = ScriptedSamples("second", [("2", -0.1)])
-    _, trace = run(VotingStrategy(samples=3, escalate_below=0.0), top, second)
+    _, trace = run(VotingStrategy(samples=3, escalate_below=0.0, concurrent=False), top, second)
     assert trace.experts == ["top"] and second.calls == []
+
+
+def test_concurrent_second_expert_is_dropped_when_the_top_one_agrees() -> None:
+    top = ScriptedSamples("top", [("4", -0.1)])
+    second = ScriptedSamples("second", [("9", -0.1)], delay_s=0.5)  # still sampling when dropped
+    chunks, trace = run(VotingStrategy(samples=3), top, second)
+    assert len(second.calls) == 1  # it was started alongside the top expert
+    assert trace.experts == ["top"] and reply(chunks) == "4"
+    assert sum(c.tokens for c in chunks) == 6  # none of its tokens are counted
 
 
 def test_a_self_consistent_second_expert_overrides_an_unsure_top() -> None:
