@@ -107,6 +107,8 @@ def create_app(config: Config, *, engines: Mapping[str, Engine] | None = None) -
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        for name, engine in gateway.engines.items():  # remote experts come and go
+            metrics.expert_healthy.labels(name).set(1 if engine.ready else 0)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -250,7 +250,8 @@ def _prepare(config: Config | None) -> int:
     if config is None:
         names = list(bundled.BUNDLED)
     else:
-        refs = [e.model for e in config.experts.values()] + [config.router.embedder]
+        refs = [e.model for e in config.experts.values() if e.engine == "transformers"]
+        refs.append(config.router.embedder)
         names = [r.removeprefix("bundled:") for r in refs if r.startswith("bundled:")]
     with tqdm(names, desc="preparing bundled models", unit="model") as bar:
         for name in bar:

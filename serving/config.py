@@ -18,6 +18,8 @@ from serving import bundled
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 BUILTIN_CHAT_TEMPLATES = ("plain",)
+ENGINE_TAGS = ("transformers", "openai")
+STRATEGY_TAGS = ("single", "vote", "fuse", "cascade")
 
 
 class _Model(BaseModel):
@@ -49,7 +51,32 @@ class TransformersExpertConfig(_Model):
     defaults: SamplingDefaults = SamplingDefaults()
 
 
-ExpertConfig = TransformersExpertConfig
+class OpenAIExpertConfig(_Model):
+    """An expert behind any OpenAI-compatible server (`vllm serve` on another host, say)."""
+
+    engine: Literal["openai"]
+    base_url: Annotated[str, Field(pattern=r"^https?://")]
+    """Up to and including the version path: `http://10.0.0.5:8000/v1`."""
+    model: str
+    """The model name on that server."""
+    api_key_env: str | None = None
+    """The environment variable holding its API key (never the key itself)."""
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    read_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    retries: Annotated[int, Field(ge=0, le=10)] = 2
+    """Retries on connection errors and 5xx answers, only before any output was received."""
+    backoff_s: Annotated[float, Field(ge=0)] = 0.5
+    """First retry delay; doubled on each further retry."""
+    health_interval_s: Annotated[float, Field(gt=0)] = 10.0
+    """How often `GET {base_url}/models` checks the server (feeds `chorus_expert_healthy`)."""
+    context_window: Annotated[int, Field(ge=16)] = 8192
+    stop: tuple[str, ...] = ()
+    defaults: SamplingDefaults = SamplingDefaults()
+
+
+ExpertConfig = Annotated[
+    TransformersExpertConfig | OpenAIExpertConfig, Field(discriminator="engine")
+]
 
 
 class PoolRouterConfig(_Model):
@@ -165,6 +192,16 @@ class Config(_Model):
     router: RouterConfig = RouterConfig()
     pools: dict[str, PoolConfig] = {}
 
+    @field_validator("experts", mode="before")
+    @classmethod
+    def _engine_defaults_to_transformers(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                name: {"engine": "transformers", **expert} if isinstance(expert, dict) else expert
+                for name, expert in value.items()
+            }
+        return value
+
     @field_validator("experts", "pools")
     @classmethod
     def _names_are_model_ids(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -201,7 +238,7 @@ def load_config(path: Path | str, *, check_artifacts: bool = True) -> Config:
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        problems = [(key_path(err["loc"]), err["msg"]) for err in exc.errors()]
+        problems = [(_error_path(err), err["msg"]) for err in exc.errors()]
         raise ConfigError(path, problems) from None
     problems = _cross_check(config, base_dir=path.parent)
     if problems:
@@ -240,6 +277,19 @@ def key_path(loc: Sequence[int | str]) -> str:
     return out
 
 
+def _error_path(error: Any) -> str:
+    loc = list(error["loc"])
+    # A tagged union puts the tag it tried into the location: experts.a.transformers.dtype.
+    if len(loc) > 2 and loc[0] == "experts" and loc[2] in ENGINE_TAGS:
+        del loc[2]
+    if len(loc) > 3 and loc[0] == "pools" and loc[2] == "strategy" and loc[3] in STRATEGY_TAGS:
+        del loc[3]
+    path = key_path(loc)
+    if error["type"] == "union_tag_invalid":  # the tag itself is wrong: name its key
+        path += "." + str(error["ctx"]["discriminator"]).strip("'")
+    return path
+
+
 def _is_type_tag(part: str) -> bool:
     # Pydantic adds the union member or validator it tried ("str", "list[...]", "function-after").
     return part.startswith(("function-", "list[", "tagged-union[")) or part in ("str", "int")
@@ -250,6 +300,8 @@ def _cross_check(config: Config, base_dir: Path) -> list[tuple[str, str]]:
     for name in sorted(set(config.experts) & set(config.pools)):
         problems.append((f"pools.{name}", "a pool cannot share its name with an expert"))
     for name, expert in config.experts.items():
+        if not isinstance(expert, TransformersExpertConfig):
+            continue  # a remote model name is the remote server's business
         problem = _check_model_ref(expert.model, base_dir)
         if problem:
             problems.append((f"experts.{name}.model", problem))
@@ -279,6 +331,17 @@ def _cross_check(config: Config, base_dir: Path) -> list[tuple[str, str]]:
         if len(set(pool.experts)) != len(pool.experts):
             problems.append((f"pools.{pool_name}.experts", "an expert is listed twice"))
         strategy = pool.strategy
+        if isinstance(strategy, FuseStrategyConfig | CascadeStrategyConfig):
+            for i, member in enumerate(pool.experts):
+                member_config = config.experts.get(member)
+                if isinstance(member_config, OpenAIExpertConfig):
+                    problems.append(
+                        (
+                            f"pools.{pool_name}.experts[{i}]",
+                            f"`{strategy.type}` needs decode sessions, which the "
+                            f"`{member_config.engine}` engine does not offer yet",
+                        )
+                    )
         if isinstance(strategy, FuseStrategyConfig):
             for name in set(strategy.weights) - set(pool.experts):
                 problems.append(
@@ -320,7 +383,7 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
             return str((base_dir / Path(ref).expanduser()).resolve())
         return ref
 
-    experts = {
+    experts: dict[str, ExpertConfig] = {
         name: expert.model_copy(
             update={
                 "model": local(expert.model),
@@ -331,6 +394,8 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
                 ),
             }
         )
+        if isinstance(expert, TransformersExpertConfig)
+        else expert
         for name, expert in config.experts.items()
     }
     pools = {

@@ -108,7 +108,10 @@ class ChatService:
             raise ServiceUnavailableError(f"`{target.model_id}` cannot serve: it failed to load")
         request = self._generation_request(body)
         route_start = time.perf_counter()
-        decision = await target.router.route(request.messages)
+        try:
+            decision = await target.router.route(request.messages)
+        except Exception as exc:  # an embedder failure is the gateway's, not the client's
+            raise ServiceUnavailableError(f"routing `{target.model_id}` failed: {exc}") from exc
         route_ms = (time.perf_counter() - route_start) * 1000
         self.metrics.routing_duration.labels(target.model_id).observe(route_ms / 1000)
         if decision.ood:

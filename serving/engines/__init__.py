@@ -11,4 +11,6 @@ def build_engine(name: str, config: ExpertConfig) -> Engine:
         from serving.engines.transformers import TransformersEngine
 
         return TransformersEngine(name, config)
-    raise ValueError(f"unknown engine {config.engine!r}")
+    from serving.engines.remote import RemoteOpenAIEngine
+
+    return RemoteOpenAIEngine(name, config)

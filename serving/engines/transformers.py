@@ -9,6 +9,7 @@ the prompt's prefill; finished samples are dropped from the batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -147,7 +148,8 @@ class TransformersEngine:
                     yield chunk
         finally:
             # On the worker thread, after any step still running: never free state under it.
-            self._executor.submit(run.release)
+            with contextlib.suppress(RuntimeError):  # the engine was shut down meanwhile
+                self._executor.submit(run.release)
 
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
@@ -214,7 +216,8 @@ class _AsyncSession:
         await self._engine._run(self._session.extend_ids, list(ids), text)
 
     async def aclose(self) -> None:
-        self._engine._executor.submit(self._session.close)
+        with contextlib.suppress(RuntimeError):  # the engine was shut down meanwhile
+            self._engine._executor.submit(self._session.close)
 
 
 class _Run:

@@ -88,3 +88,19 @@ def test_missing_config_file_is_refused(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "cannot read the file" in done.stderr
+
+
+def test_remote_experts_cannot_join_token_level_pools_yet(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "experts:\n"
+        "  local: {model: bundled:smollm2-135m-instruct}\n"
+        "  far: {engine: openai, base_url: 'http://127.0.0.1:9/v1', model: m}\n"
+        "pools:\n"
+        "  f: {experts: [local, far], strategy: fuse}\n"
+        "  r: {experts: [local, far]}\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "pools.f.experts[1]: `fuse` needs decode sessions" in str(info.value)
+    assert "pools.r" not in str(info.value)

@@ -1,0 +1,202 @@
+"""An expert behind any OpenAI-compatible server (`vllm serve`, another Chorus, a hosted API).
+
+Requests stream through `POST {base_url}/chat/completions`. Connection errors and 5xx answers are
+retried with exponential backoff, but only before the first byte of output: after that, a lost
+connection is reported as an `ExpertError` (an SSE error event for streaming clients), never
+silently restarted. A background probe (`GET {base_url}/models`) keeps `ready` current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import httpx
+
+from ensemble.types import (
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    TokenLogprob,
+    TopLogprob,
+)
+from serving.config import OpenAIExpertConfig
+from serving.errors import ExpertError, InvalidRequestError, ServiceUnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+class _Retryable(Exception):
+    pass
+
+
+class RemoteOpenAIEngine:
+    def __init__(
+        self,
+        name: str,
+        config: OpenAIExpertConfig,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._healthy = False
+        self._probe: asyncio.Task[None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._healthy
+
+    @property
+    def context_window(self) -> int:
+        return self.config.context_window
+
+    def _headers(self) -> dict[str, str]:
+        env = self.config.api_key_env
+        key = os.environ.get(env, "") if env else ""
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    async def start(self) -> None:
+        timeout = httpx.Timeout(self.config.read_timeout_s, connect=self.config.connect_timeout_s)
+        self._client = httpx.AsyncClient(
+            base_url=self.config.base_url.rstrip("/"),
+            timeout=timeout,
+            transport=self._transport,
+            headers=self._headers(),
+        )
+        await self.check_health()
+        self._probe = asyncio.create_task(self._probe_forever())
+        if not self._healthy:
+            logger.warning("expert %s: %s is not answering yet", self.name, self.config.base_url)
+
+    async def check_health(self) -> bool:
+        assert self._client is not None
+        try:
+            response = await self._client.get("/models", timeout=self.config.connect_timeout_s)
+            self._healthy = response.status_code == 200
+        except httpx.HTTPError:
+            self._healthy = False
+        return self._healthy
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            was = self._healthy
+            if await self.check_health() != was:
+                logger.info("expert %s is %s", self.name, "up" if self._healthy else "down")
+
+    async def aclose(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        if self._client is not None:
+            await self._client.aclose()
+        self._healthy = False
+
+    def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        params, defaults = request.params, self.config.defaults
+        body: dict[str, Any] = {
+            "model": self.config.model,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "n": params.n,
+            "temperature": params.temperature
+            if params.temperature is not None
+            else defaults.temperature,
+            "top_p": params.top_p if params.top_p is not None else defaults.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        max_tokens = params.max_tokens or defaults.max_tokens
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        stop = [*self.config.stop, *params.stop]
+        if stop:
+            body["stop"] = stop
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = params.top_logprobs
+        return body
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        if self._client is None:
+            raise ServiceUnavailableError(f"expert {self.name} is not started")
+        body = self._body(request)
+        for attempt in range(self.config.retries + 1):
+            received = False
+            try:
+                async with self._client.stream("POST", "/chat/completions", json=body) as response:
+                    if response.status_code >= 500:
+                        raise _Retryable(f"HTTP {response.status_code}")
+                    if response.status_code >= 400:
+                        await response.aread()
+                        raise _client_error(self.name, response)
+                    async for chunk in _chunks(self.name, response):
+                        received = True
+                        yield chunk
+                return
+            except (httpx.ConnectError, httpx.ConnectTimeout, _Retryable) as exc:
+                if received or attempt == self.config.retries:
+                    raise ExpertError(f"expert {self.name} failed: {exc}") from exc
+                delay = self.config.backoff_s * 2**attempt
+                logger.warning("expert %s: %s; retrying in %.2fs", self.name, exc, delay)
+                await asyncio.sleep(delay)
+            except httpx.HTTPError as exc:  # read timeouts, a connection cut mid-stream
+                raise ExpertError(f"expert {self.name} failed mid-answer: {exc!r}") from exc
+
+
+def _client_error(name: str, response: httpx.Response) -> Exception:
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text[:500]
+    if response.status_code == 400:
+        return InvalidRequestError(message)  # the client's request, as the expert judged it
+    return ExpertError(
+        f"expert {name} refused the request (HTTP {response.status_code}): {message}"
+    )
+
+
+async def _chunks(name: str, response: httpx.Response) -> AsyncGenerator[GenerationChunk, None]:
+    """OpenAI SSE chunks as `GenerationChunk`s; usage arrives as one accounting chunk."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue  # blank separators and keep-alive comments
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        event = json.loads(data)
+        if "error" in event:
+            raise ExpertError(f"expert {name} failed mid-answer: {event['error'].get('message')}")
+        for choice in event.get("choices") or []:
+            text = (choice.get("delta") or {}).get("content") or ""
+            finish = choice.get("finish_reason")
+            logprobs = tuple(
+                TokenLogprob(
+                    item["token"],
+                    item["logprob"],
+                    tuple(
+                        TopLogprob(t["token"], t["logprob"]) for t in item.get("top_logprobs", [])
+                    ),
+                )
+                for item in ((choice.get("logprobs") or {}).get("content") or [])
+            )
+            if text or finish or logprobs:
+                reason: FinishReason | None = None
+                if finish:  # tool_calls, content_filter: the answer ended all the same
+                    reason = "length" if finish == "length" else "stop"
+                yield GenerationChunk(name, choice["index"], text, 0, 0, logprobs, reason)
+        usage = event.get("usage")
+        if usage:
+            yield GenerationChunk(
+                name, 0, "", usage.get("completion_tokens", 0), usage.get("prompt_tokens", 0)
+            )
