@@ -19,6 +19,7 @@ from ensemble.engine import Engine
 from serving.config import Config, key_path
 from serving.errors import GatewayError
 from serving.gateway import Gateway
+from serving.guard import Guard
 from serving.metrics import GatewayMetrics
 from serving.protocol import ChatCompletionRequest, model_card
 from serving.service import ChatService
@@ -44,6 +45,7 @@ def create_app(config: Config, *, engines: Mapping[str, Engine] | None = None) -
             await gateway.aclose()
 
     app = FastAPI(title="Chorus", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(Guard, config=config.server)
     app.state.gateway = gateway
     _install_error_handlers(app, metrics)
 
@@ -107,7 +109,7 @@ def create_app(config: Config, *, engines: Mapping[str, Engine] | None = None) -
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        for name, engine in gateway.engines.items():  # remote experts come and go
+        for name, engine in gateway.engines.items():  # read at scrape: remote experts come and go
             metrics.expert_healthy.labels(name).set(1 if engine.ready else 0)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

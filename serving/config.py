@@ -179,11 +179,26 @@ class RouterConfig(_Model):
     max_batch: Annotated[int, Field(ge=1)] = 256
 
 
+class AuthConfig(_Model):
+    """API keys for `Authorization: Bearer <key>`. With none configured, the server is open."""
+
+    api_key_hashes: tuple[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")], ...] = ()
+    """SHA-256 hex digests of accepted keys (`printf %s KEY | sha256sum`); never the keys."""
+    api_keys_env: str | None = None
+    """An environment variable holding accepted keys, comma-separated."""
+    protect_metrics: bool = False
+    """Require a key for /metrics too. /health is always open."""
+
+
 class ServerConfig(_Model):
     max_n: Annotated[int, Field(ge=1, le=128)] = 8
     """Largest `n` (samples per request) accepted."""
     max_stop: Annotated[int, Field(ge=0, le=64)] = 8
     max_top_logprobs: Annotated[int, Field(ge=0, le=20)] = 20
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
+    """Larger request bodies are refused with 413 before they are read in full."""
+    max_messages: Annotated[int, Field(ge=1)] = 256
+    auth: AuthConfig = AuthConfig()
 
 
 class Config(_Model):

@@ -98,8 +98,6 @@ class Gateway:
             )
         self.loading = True
         self.load_errors: dict[str, str] = {}
-        for name in self.engines:
-            metrics.expert_healthy.labels(name).set(0)
 
     def _observe_step(self, pool: str, step: Step) -> None:
         self.metrics.fusion_steps.labels(pool).inc()
@@ -134,8 +132,6 @@ class Gateway:
                 if isinstance(result, BaseException):
                     logger.error("%s failed to load: %s", name, result)
                     self.load_errors[name] = str(result)
-                elif name != EMBEDDER:
-                    self.metrics.expert_healthy.labels(name).set(1)
             self._check_shared_vocabularies()
         finally:
             self.loading = False

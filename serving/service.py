@@ -105,7 +105,8 @@ class ChatService:
                 param="n",
             )
         if not self.gateway.can_serve(target):
-            raise ServiceUnavailableError(f"`{target.model_id}` cannot serve: it failed to load")
+            reason = self.gateway.load_errors.get(target.model_id, "no expert of it is available")
+            raise ServiceUnavailableError(f"`{target.model_id}` cannot serve now: {reason}")
         request = self._generation_request(body)
         route_start = time.perf_counter()
         try:
@@ -118,7 +119,7 @@ class ChatService:
             self.metrics.route_ood.labels(target.model_id).inc()
         experts = [self.gateway.engines[name] for name in decision.experts]
         if not any(e.ready for e in experts):
-            raise ServiceUnavailableError(f"no expert of `{target.model_id}` is loaded")
+            raise ServiceUnavailableError(f"no routed expert of `{target.model_id}` is available")
         trace = EnsembleTrace()
         overhead_ms = (time.perf_counter() - received) * 1000
         stream = target.strategy.run(request, [e for e in experts if e.ready], trace)
@@ -152,6 +153,10 @@ class ChatService:
         if len(stop) > limits.max_stop:
             raise InvalidRequestError(
                 f"at most {limits.max_stop} stop sequences are allowed", param="stop"
+            )
+        if len(body.messages) > limits.max_messages:
+            raise InvalidRequestError(
+                f"at most {limits.max_messages} messages are allowed", param="messages"
             )
         if (body.top_logprobs or 0) > limits.max_top_logprobs:
             raise InvalidRequestError(
