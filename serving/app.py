@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -16,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ensemble.engine import Engine
+from serving.admission import ConcurrencyLimit, RateLimit
 from serving.config import Config, key_path
 from serving.errors import GatewayError
 from serving.gateway import Gateway
@@ -49,25 +51,45 @@ def create_app(config: Config, *, engines: Mapping[str, Engine] | None = None) -
     app.state.gateway = gateway
     _install_error_handlers(app, metrics)
 
+    server = config.server
+    rate = RateLimit(server.rate_limit_per_minute) if server.rate_limit_per_minute else None
+    slots = (
+        ConcurrencyLimit(server.max_concurrent_requests, server.max_queue, server.queue_timeout_s)
+        if server.max_concurrent_requests
+        else None
+    )
+
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         received = time.perf_counter()
-        metrics.inflight.inc()
+        pool = body.model if body.model in gateway.targets else "unknown"
         try:
-            try:
-                call = await service.start(body, received)
-            except GatewayError as exc:
-                pool = body.model if body.model in gateway.targets else "unknown"
-                metrics.requests.labels(pool, "", str(exc.status_code)).inc()
-                raise
-        except BaseException:
+            if rate is not None:
+                rate.check(_client_key(request))
+            if slots is not None:
+                await slots.acquire()
+        except GatewayError as exc:
+            metrics.requests.labels(pool, "", str(exc.status_code)).inc()
+            raise
+        metrics.inflight.inc()
+
+        def finished() -> None:
             metrics.inflight.dec()
+            if slots is not None:
+                slots.release()
+
+        try:
+            call = await service.start(body, received)
+        except BaseException as exc:
+            if isinstance(exc, GatewayError):
+                metrics.requests.labels(pool, "", str(exc.status_code)).inc()
+            finished()
             raise
         if not body.stream:
             try:
                 result = await service.complete(call)
             finally:
-                metrics.inflight.dec()
+                finished()
             return JSONResponse(result, headers=call.headers())
 
         async def events() -> AsyncIterator[str]:
@@ -75,7 +97,7 @@ def create_app(config: Config, *, engines: Mapping[str, Engine] | None = None) -
                 async for event in service.stream(call):
                     yield event
             finally:
-                metrics.inflight.dec()
+                finished()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=call.headers())
 
@@ -116,6 +138,14 @@ def create_app(config: Config, *, engines: Mapping[str, Engine] | None = None) -
     return app
 
 
+def _client_key(request: Request) -> str:
+    """Whom a rate limit counts: the API key (as a digest), else the client's address."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token:
+        return "key:" + hashlib.sha256(token.strip().encode()).hexdigest()
+    return "addr:" + (request.client.host if request.client else "unknown")
+
+
 def _error(
     status: int, message: str, error_type: str, param: str | None = None, code: str | None = None
 ) -> JSONResponse:
@@ -126,7 +156,7 @@ def _error(
 def _install_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:
     @app.exception_handler(GatewayError)
     async def gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
-        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:

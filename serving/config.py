@@ -199,6 +199,14 @@ class ServerConfig(_Model):
     """Larger request bodies are refused with 413 before they are read in full."""
     max_messages: Annotated[int, Field(ge=1)] = 256
     auth: AuthConfig = AuthConfig()
+    max_concurrent_requests: Annotated[int, Field(ge=1)] | None = None
+    """Chat requests served at once (streams included); None: no limit."""
+    max_queue: Annotated[int, Field(ge=0)] = 64
+    """Requests that may wait for a slot; beyond that, 429 at once."""
+    queue_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    """A request that waited this long for a slot gets 503."""
+    rate_limit_per_minute: Annotated[int, Field(ge=1)] | None = None
+    """Chat requests per minute per API key (per client address when no keys); None: no limit."""
 
 
 class Config(_Model):

@@ -4,7 +4,9 @@ GatewayError
 ├── InvalidRequestError        400 invalid_request_error
 │   └── ContextLengthError     400 invalid_request_error, code context_length_exceeded
 ├── ModelNotFoundError         404 model_not_found
-├── ServiceUnavailableError    503 service_unavailable (loading, shutting down)
+├── RateLimitError             429 rate_limit_exceeded (per key, with Retry-After)
+├── OverloadedError            429 too_many_requests (the wait queue is full, with Retry-After)
+├── ServiceUnavailableError    503 service_unavailable (loading, overloaded, shutting down)
 └── ExpertError                502 expert_error (an engine failed)
 """
 
@@ -18,11 +20,19 @@ class GatewayError(Exception):
     error_type: ClassVar[str] = "internal_error"
     default_code: ClassVar[str | None] = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code or self.default_code
+        self.headers = headers or {}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +58,18 @@ class ModelNotFoundError(GatewayError):
     status_code = 404
     error_type = "invalid_request_error"
     default_code = "model_not_found"
+
+
+class RateLimitError(GatewayError):
+    status_code = 429
+    error_type = "rate_limit_exceeded"
+    default_code = "rate_limit_exceeded"
+
+
+class OverloadedError(GatewayError):
+    status_code = 429
+    error_type = "too_many_requests"
+    default_code = "too_many_requests"
 
 
 class ServiceUnavailableError(GatewayError):
