@@ -6,9 +6,9 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ensemble.engine import Engine
 from serving.admission import ConcurrencyLimit, RateLimit
 from serving.config import Config, key_path
-from serving.errors import GatewayError
+from serving.errors import DeadlineExceededError, GatewayError
 from serving.gateway import Gateway
 from serving.guard import Guard
 from serving.metrics import GatewayMetrics
@@ -27,6 +27,7 @@ from serving.protocol import ChatCompletionRequest, model_card
 from serving.service import ChatService
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def create_app(config: Config, *, engines: Mapping[str, Engine] | None = None) -> FastAPI:
@@ -85,16 +86,22 @@ def create_app(config: Config, *, engines: Mapping[str, Engine] | None = None) -
                 metrics.requests.labels(pool, "", str(exc.status_code)).inc()
             finished()
             raise
+        deadline = server.request_timeout_s
         if not body.stream:
             try:
-                result = await service.complete(call)
+                result = await _unless_abandoned(request, service.complete(call), deadline)
+            except _ClientGone:
+                metrics.requests.labels(*call.labels, "499").inc()
+                return Response(status_code=499)  # nobody reads it; the work is already stopped
             finally:
                 finished()
             return JSONResponse(result, headers=call.headers())
 
         async def events() -> AsyncIterator[str]:
+            # A client that disconnects cancels this generator, which closes the strategy and
+            # engine streams under it: their work stops with it.
             try:
-                async for event in service.stream(call):
+                async for event in service.stream(call, deadline_s=deadline):
                     yield event
             finally:
                 finished()
@@ -136,6 +143,32 @@ def create_app(config: Config, *, engines: Mapping[str, Engine] | None = None) -
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _unless_abandoned(
+    request: Request, work: Coroutine[Any, Any, T], deadline_s: float | None
+) -> T:
+    """Run `work`, cancelling it (and the engine work under it) if the client disconnects, or
+    past the deadline."""
+    task = asyncio.create_task(work)
+    started = time.perf_counter()
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise _ClientGone
+            if deadline_s is not None and time.perf_counter() - started > deadline_s:
+                raise DeadlineExceededError(f"the request ran past its {deadline_s:g}s deadline")
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def _client_key(request: Request) -> str:

@@ -205,6 +205,8 @@ class ServerConfig(_Model):
     """Requests that may wait for a slot; beyond that, 429 at once."""
     queue_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     """A request that waited this long for a slot gets 503."""
+    request_timeout_s: Annotated[float, Field(gt=0)] | None = None
+    """Whole-request deadline: 504 before the first byte, an SSE error event after; None: none."""
     rate_limit_per_minute: Annotated[int, Field(ge=1)] | None = None
     """Chat requests per minute per API key (per client address when no keys); None: no limit."""
 

@@ -7,6 +7,7 @@ GatewayError
 ├── RateLimitError             429 rate_limit_exceeded (per key, with Retry-After)
 ├── OverloadedError            429 too_many_requests (the wait queue is full, with Retry-After)
 ├── ServiceUnavailableError    503 service_unavailable (loading, overloaded, shutting down)
+├── DeadlineExceededError      504 timeout (the request ran past `request_timeout_s`)
 └── ExpertError                502 expert_error (an engine failed)
 """
 
@@ -75,6 +76,12 @@ class OverloadedError(GatewayError):
 class ServiceUnavailableError(GatewayError):
     status_code = 503
     error_type = "service_unavailable"
+
+
+class DeadlineExceededError(GatewayError):
+    status_code = 504
+    error_type = "timeout"
+    default_code = "request_timeout"
 
 
 class ExpertError(GatewayError):

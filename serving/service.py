@@ -22,7 +22,12 @@ from ensemble.types import (
     TokenLogprob,
 )
 from router.decision import RouteDecision
-from serving.errors import GatewayError, InvalidRequestError, ServiceUnavailableError
+from serving.errors import (
+    DeadlineExceededError,
+    GatewayError,
+    InvalidRequestError,
+    ServiceUnavailableError,
+)
 from serving.gateway import Gateway, Target
 from serving.protocol import ChatCompletionRequest
 
@@ -243,15 +248,20 @@ class ChatService:
             "chorus": call.chorus(),
         }
 
-    async def stream(self, call: ChatCall) -> AsyncIterator[str]:
+    async def stream(self, call: ChatCall, deadline_s: float | None = None) -> AsyncIterator[str]:
         """SSE events: a role chunk per choice, content chunks, optional usage, then [DONE]."""
         status = 200
+        deadline = None if deadline_s is None else call.received + deadline_s
         try:
             for i in range(call.body.n):
                 yield _sse(
                     self._chunk(call, i, {"role": "assistant", "content": ""}, with_meta=True)
                 )
             async for chunk in self._chunks(call):
+                if deadline is not None and time.perf_counter() > deadline:
+                    raise DeadlineExceededError(
+                        f"the request ran past its {deadline_s:g}s deadline"
+                    )
                 if chunk.keepalive:
                     yield ": keep-alive\n\n"
                     continue

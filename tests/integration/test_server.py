@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
@@ -337,3 +338,54 @@ def test_fuse_pool_streams_through_the_sdk(server: ServerProcess, client: openai
              if s.name == "chorus_fusion_steps_total" and s.labels["pool"] == "fuse"]  # fmt: skip
     assert steps and steps[0] >= 2 * fusion["steps"]
     assert "chorus_fusion_gate_skips" in families and "chorus_fusion_step_seconds" in families
+
+
+def _completion_tokens(server: ServerProcess) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "chorus_tokens"
+        for s in f.samples
+        if s.labels.get("expert") == SMOLLM2 and s.labels.get("kind") == "completion"
+    )
+
+
+def _settles(server: ServerProcess) -> tuple[float, float]:
+    """Completion tokens 1.5 s and 3 s after a client left: equal when engine work stopped."""
+    time.sleep(1.5)
+    first = _completion_tokens(server)
+    time.sleep(1.5)
+    return first, _completion_tokens(server)
+
+
+LONG = {
+    "model": SMOLLM2,
+    "messages": [{"role": "user", "content": "Write a very long story about the sea."}],
+    "max_tokens": 400,
+    "temperature": 0,
+}
+
+
+def test_a_client_leaving_a_plain_request_stops_the_engine(server: ServerProcess) -> None:
+    before = _completion_tokens(server)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/chat/completions", json=LONG, timeout=1.5)
+    first, later = _settles(server)
+    assert first == later, "the engine kept generating for a client that left"
+    assert before < later < before + 200  # it had started, and stopped well before 400 tokens
+    inflight = httpx.get(f"{server.url}/metrics").text
+    assert "chorus_inflight_requests 0.0" in inflight
+
+
+def test_a_client_leaving_a_stream_stops_the_engine(server: ServerProcess) -> None:
+    before = _completion_tokens(server)
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json={**LONG, "stream": True}, timeout=30
+    ) as response:
+        for i, _ in enumerate(response.iter_lines()):
+            if i > 10:
+                break  # closing the response here drops the connection
+    first, later = _settles(server)
+    assert first == later, "the engine kept generating for a client that left"
+    assert before < later < before + 200

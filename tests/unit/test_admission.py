@@ -126,3 +126,16 @@ def test_server_queues_then_refuses_when_saturated(tmp_path: Path) -> None:
         assert statuses == [200, 200, 429]  # one served, one queued then served, one refused
         metrics = client.get("/metrics").text
         assert "chorus_inflight_requests 0.0" in metrics
+
+
+def test_the_request_deadline_is_a_504_or_an_sse_error(tmp_path: Path) -> None:
+    with app(tmp_path, "{request_timeout_s: 0.3}", delay_s=0.2) as client:
+        ready(client)
+        slow = {**BODY, "n": 4}  # four samples, 0.2 s apart: past the deadline
+        response = client.post("/v1/chat/completions", json=slow)
+        assert response.status_code == 504
+        assert response.json()["error"]["type"] == "timeout"
+        streamed = client.post("/v1/chat/completions", json={**slow, "stream": True})
+        events = [e[6:] for e in streamed.text.split("\n\n") if e.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert '"type": "timeout"' in events[-2] or '"type":"timeout"' in events[-2]
