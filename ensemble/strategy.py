@@ -6,6 +6,7 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
 from ensemble.engine import Engine
+from ensemble.errors import ExpertFailed
 from ensemble.types import EnsembleTrace, GenerationChunk, GenerationRequest
 
 
@@ -25,7 +26,11 @@ class Strategy(Protocol):
 
 
 class SingleStrategy:
-    """The top routed expert answers alone, streaming natively."""
+    """The top routed expert answers alone, streaming natively.
+
+    If it fails before producing anything, the next routed expert answers instead (the failed
+    ones are listed in `trace.details["failed"]`); once output has been sent, a failure is final.
+    """
 
     name = "single"
     max_n: int | None = None
@@ -33,8 +38,17 @@ class SingleStrategy:
     async def run(
         self, request: GenerationRequest, experts: Sequence[Engine], trace: EnsembleTrace
     ) -> AsyncGenerator[GenerationChunk, None]:
-        expert = experts[0]
-        trace.experts.append(expert.name)
-        trace.weights.append(1.0)
-        async for chunk in expert.generate(request):
-            yield chunk
+        for position, expert in enumerate(experts):
+            answered = False
+            try:
+                async for chunk in expert.generate(request):
+                    if not answered:
+                        answered = True
+                        trace.experts.append(expert.name)
+                        trace.weights.append(1.0)
+                    yield chunk
+                return
+            except ExpertFailed:
+                if answered or position == len(experts) - 1:
+                    raise
+                trace.details.setdefault("failed", []).append(expert.name)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from ensemble.errors import ExpertFailed
+
 
 class GatewayError(Exception):
     status_code: ClassVar[int] = 500
@@ -84,6 +86,6 @@ class DeadlineExceededError(GatewayError):
     default_code = "request_timeout"
 
 
-class ExpertError(GatewayError):
+class ExpertError(GatewayError, ExpertFailed):
     status_code = 502
     error_type = "expert_error"

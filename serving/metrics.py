@@ -91,6 +91,18 @@ class GatewayMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=r,
         )
+        self.expert_failures = Counter(
+            "chorus_expert_failures",
+            "Experts that failed while working on a request.",
+            ["expert"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "chorus_fallbacks",
+            "Requests answered by another expert after the routed one failed.",
+            ["pool"],
+            registry=r,
+        )
         self.expert_healthy = Gauge(
             "chorus_expert_healthy",
             "1 when the expert is loaded and serving, else 0.",

@@ -202,6 +202,11 @@ class ChatService:
     def _finish(self, call: ChatCall, status: int) -> None:
         for expert, tokens in call.prompt_tokens.items():
             self.metrics.tokens.labels(expert, "prompt").inc(tokens)
+        failed = call.trace.details.get("failed", [])
+        for expert in failed:
+            self.metrics.expert_failures.labels(expert).inc()
+        if failed and status == 200:
+            self.metrics.fallbacks.labels(call.target.model_id).inc()
         if vote := call.trace.details.get("vote"):
             self.metrics.vote_agreement.labels(call.target.model_id).observe(vote["agreement"])
             if vote["escalated"]:

@@ -19,6 +19,8 @@ experts:
   late: {model: bundled:smollm2-135m-instruct}
 pools:
   auto: {experts: [good, late]}
+  fallback: {experts: [early, good]}
+  doomed: {experts: [early, late]}
 """
 BODY = {"messages": [{"role": "user", "content": "hi"}]}
 
@@ -142,3 +144,40 @@ def wait_ready(client: TestClient) -> None:
             return
         threading.Event().wait(0.01)
     raise TimeoutError("app did not become ready")
+
+
+def test_single_falls_back_to_the_next_expert_before_the_first_byte(tmp_path: Path) -> None:
+    with app_with(tmp_path) as client:
+        wait_ready(client)
+        for stream in (False, True):
+            response = client.post(
+                "/v1/chat/completions", json={"model": "fallback", "stream": stream, **BODY}
+            )
+            assert response.status_code == 200
+            assert "Hello" in response.text and "there" in response.text
+            assert response.headers["x-chorus-experts"] == "good"
+        plain = client.post("/v1/chat/completions", json={"model": "fallback", **BODY}).json()
+        assert plain["chorus"]["failed"] == ["early"] and plain["chorus"]["experts"] == ["good"]
+        metrics = client.get("/metrics").text
+        assert 'chorus_expert_failures_total{expert="early"} 3.0' in metrics
+        assert 'chorus_fallbacks_total{pool="fallback"} 3.0' in metrics
+
+
+def test_a_failure_after_output_is_not_retried_on_another_expert(tmp_path: Path) -> None:
+    with app_with(tmp_path) as client:
+        wait_ready(client)
+        # `early` fails at once, so `late` answers; `late` then fails after its first words.
+        response = client.post("/v1/chat/completions", json={"model": "doomed", **BODY})
+        assert response.status_code == 502
+        streamed = client.post(
+            "/v1/chat/completions", json={"model": "doomed", "stream": True, **BODY}
+        )
+        assert streamed.status_code == 200
+        events = [e[6:] for e in streamed.text.split("\n\n") if e.startswith("data: ")]
+        assert json.loads(events[-2])["error"]["type"] == "expert_error"
+        text = "".join(
+            json.loads(e)["choices"][0]["delta"].get("content", "")
+            for e in events[:-2]
+            if json.loads(e)["choices"]
+        )
+        assert text == "one two"  # what `late` said before failing; nobody else was tried
