@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ensemble.engine import Engine
 from serving.admission import ConcurrencyLimit, RateLimit
 from serving.config import Config, key_path
-from serving.errors import DeadlineExceededError, GatewayError
+from serving.errors import DeadlineExceededError, GatewayError, error_body
 from serving.gateway import Gateway
 from serving.guard import Guard
 from serving.metrics import GatewayMetrics
@@ -182,8 +182,7 @@ def _client_key(request: Request) -> str:
 def _error(
     status: int, message: str, error_type: str, param: str | None = None, code: str | None = None
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(error_body(message, error_type, param, code), status_code=status)
 
 
 def _install_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:

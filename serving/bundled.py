@@ -108,6 +108,14 @@ def prepared_path(name: str) -> Path:
     return chorus_home() / "models" / name
 
 
+def resolve(reference: str) -> str:
+    """`bundled:<name>` becomes its ready folder (prepared if needed); a folder or hub id passes
+    through unchanged."""
+    if reference.startswith("bundled:"):
+        return str(prepare(reference.removeprefix("bundled:")))
+    return reference
+
+
 def is_prepared(name: str) -> bool:
     model = bundled_model(name)
     if model.kind == "sentence-transformers":

@@ -13,16 +13,9 @@ from serving import bundled
 logger = logging.getLogger(__name__)
 
 
-def resolve(reference: str) -> str:
-    """`bundled:<name>` becomes its folder; a folder or hub id passes through."""
-    if reference.startswith("bundled:"):
-        return str(bundled.prepare(reference.removeprefix("bundled:")))
-    return reference
-
-
 def onnx_folder(reference: str) -> Path:
     """Where the ONNX export of a reference is cached (keyed by what the reference points at)."""
-    source = resolve(reference)
+    source = bundled.resolve(reference)
     digest = hashlib.sha1(source.encode()).hexdigest()[:12]
     slug = Path(reference.removeprefix("bundled:")).name or "embedder"
     return bundled.chorus_home() / "onnx" / f"{slug}-{digest}"
@@ -31,9 +24,9 @@ def onnx_folder(reference: str) -> Path:
 def load_embedder(reference: str, backend: str = "onnx") -> Embedder:
     """The embedder named by `reference`; exported to ONNX once (and cached) for `onnx`."""
     if backend == "torch":
-        return SentenceTransformerEmbedder(reference, resolve(reference))
+        return SentenceTransformerEmbedder(reference, bundled.resolve(reference))
     folder = onnx_folder(reference)
     if not (folder / "onnx.json").exists():
         logger.info("exporting %s to ONNX at %s (once)", reference, folder)
-        export(resolve(reference), folder)
+        export(bundled.resolve(reference), folder)
     return OnnxEmbedder(reference, folder)

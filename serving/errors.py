@@ -18,6 +18,13 @@ from typing import Any, ClassVar
 from ensemble.errors import ExpertFailed
 
 
+def error_body(
+    message: str, error_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """The OpenAI error object: `{"error": {"message", "type", "param", "code"}}`."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
 class GatewayError(Exception):
     status_code: ClassVar[int] = 500
     error_type: ClassVar[str] = "internal_error"
@@ -38,14 +45,7 @@ class GatewayError(Exception):
         self.headers = headers or {}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        return error_body(self.message, self.error_type, self.param, self.code)
 
 
 class InvalidRequestError(GatewayError):

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.config import ServerConfig
+from serving.errors import error_body
 
 OPEN_PATHS = frozenset({"/health"})
 
@@ -48,10 +49,7 @@ def _accepted(token: str | None, digests: frozenset[str]) -> bool:
 
 
 async def _error(send: Send, status: int, message: str, code: str, **headers: str) -> None:
-    body = {
-        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}
-    }
-    raw = json.dumps(body).encode()
+    raw = json.dumps(error_body(message, "invalid_request_error", code=code)).encode()
     extra = [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
     await send(
         {

@@ -51,13 +51,6 @@ _LOAD_LOCK = threading.Lock()
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_model_path(ref: str) -> str:
-    """`bundled:<name>` becomes its prepared folder (prepared if needed); others pass through."""
-    if ref.startswith("bundled:"):
-        return str(bundled.prepare(ref.removeprefix("bundled:")))
-    return ref
-
-
 def load_chat_template(spec: str | None) -> str | None:
     if spec is None:
         return None
@@ -106,7 +99,7 @@ class TransformersEngine:
 
     def _load(self) -> None:
         with _LOAD_LOCK:
-            path = resolve_model_path(self.config.model)
+            path = bundled.resolve(self.config.model)
             tokenizer = AutoTokenizer.from_pretrained(path)
             model: Any = AutoModelForCausalLM.from_pretrained(
                 path, dtype=_DTYPES[self.config.dtype]
