@@ -35,7 +35,20 @@ class SamplingDefaults(_Model):
     """None: up to the context window."""
 
 
-class TransformersExpertConfig(_Model):
+class _ExpertCommon(_Model):
+    """Settings every engine has."""
+
+    stop: tuple[str, ...] = ()
+    """Stop strings always applied, besides the request's (e.g. "\\nUser:" for a base model)."""
+    defaults: SamplingDefaults = SamplingDefaults()
+    first_token_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    """Longest wait for this expert's first output (queueing and prefill included)."""
+    token_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    """Longest wait between two pieces of its output once it has started: a stalled expert is
+    cut off and counted as failed, whatever the whole request's deadline."""
+
+
+class TransformersExpertConfig(_ExpertCommon):
     engine: Literal["transformers"] = "transformers"
     model: str
     """`bundled:<name>`, a local folder (relative to the config file), or a hub id."""
@@ -46,12 +59,9 @@ class TransformersExpertConfig(_Model):
     """Context window in tokens; defaults to the model's own."""
     chat_template: str | None = None
     """None: the tokenizer's own; `plain` (User:/Assistant: lines, for base models); or a file."""
-    stop: tuple[str, ...] = ()
-    """Stop strings always applied, besides the request's (e.g. "\\nUser:" for a base model)."""
-    defaults: SamplingDefaults = SamplingDefaults()
 
 
-class OpenAIExpertConfig(_Model):
+class OpenAIExpertConfig(_ExpertCommon):
     """An expert behind any OpenAI-compatible server (`vllm serve` on another host, say)."""
 
     engine: Literal["openai"]
@@ -70,8 +80,6 @@ class OpenAIExpertConfig(_Model):
     health_interval_s: Annotated[float, Field(gt=0)] = 10.0
     """How often `GET {base_url}/models` checks the server (feeds `chorus_expert_healthy`)."""
     context_window: Annotated[int, Field(ge=16)] = 8192
-    stop: tuple[str, ...] = ()
-    defaults: SamplingDefaults = SamplingDefaults()
 
 
 ExpertConfig = Annotated[
