@@ -110,7 +110,7 @@ def vote(samples: Sequence[Sample], weights: Mapping[str, float] | None = None) 
     best = max(score.values())
 
     def mean(values: list[float]) -> float:
-        return sum(values) / len(values)
+        return math.fsum(values) / len(values)  # exactly rounded: the same in any order
 
     tied = [a for a in score if score[a] >= best - _TIE]
     answer = min(tied, key=lambda a: (-mean(logprobs[a]), a))
