@@ -6,6 +6,9 @@ asking the others (GaC's thresholded mode). Otherwise every expert gives its can
 aligned on text (`ensemble.fusion`), weighted (uniform, static, CoRE consistency, or dynamic for
 experts sharing a vocabulary), fused, and one piece is chosen; every expert then continues from
 the same text.
+
+An expert that fails (or times out) is left out and the others carry on; if it was the primary,
+the next one takes over. The request fails only when every expert has failed.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 
 from ensemble import fusion
 from ensemble.engine import Engine
+from ensemble.errors import ExpertFailed
 from ensemble.stepwise import StepObserver, Stepper, own_choice, session_engines
 from ensemble.types import Candidate, EnsembleTrace, GenerationChunk, GenerationRequest, NextTokens
 
@@ -53,46 +57,51 @@ class FusionStrategy:
         self, request: GenerationRequest, experts: Sequence[Engine], trace: EnsembleTrace
     ) -> AsyncGenerator[GenerationChunk, None]:
         engines = session_engines(experts, self.name)
-        names = [e.name for e in engines]
         if self.weighting == "dynamic" and len({e.vocabulary for e in engines}) > 1:
             raise ValueError("`dynamic` weights need experts that share one vocabulary")
         params = request.params
         max_tokens = params.max_tokens or self.max_tokens
+        full = self.weighting == "dynamic"
         stepper = await Stepper.open(engines, request, max_tokens)
         rng = np.random.default_rng(params.seed)
         temperature = params.temperature if params.temperature is not None else 0.0
         top_p = params.top_p if params.top_p is not None else 1.0
         stepper.observer = self.observer
-        weight_sums = np.zeros(len(engines))
+        weight_sums: dict[str, float] = dict.fromkeys((e.name for e in engines), 0.0)
         fused_steps = gated_steps = 0
         try:
             while not stepper.finished:
                 started = time.perf_counter()
-                primary = await stepper.view(0, self.candidates, full=self.weighting == "dynamic")
+                try:
+                    primary = await stepper.view(0, self.candidates, full=full)
+                except ExpertFailed as exc:
+                    await _drop(stepper, [0], exc)
+                    continue
                 top = max(primary.candidates, key=lambda c: c.logprob)
-                gated = len(engines) == 1 or (
+                gated = len(stepper.sessions) == 1 or (
                     self.gate is not None and math.exp(top.logprob) >= self.gate
                 )
+                others: list[NextTokens] = []
+                if not gated:
+                    others = await self._others(stepper, full)
+                    gated = not others
+                names = stepper.experts
                 if gated:
-                    views: list[NextTokens | None] = [primary] + [None] * (len(engines) - 1)
+                    views: list[NextTokens | None] = [primary] + [None] * (len(names) - 1)
                     chosen = own_choice(primary, temperature, top_p, rng)
-                    step_weights = np.eye(len(engines))[0]
+                    step_weights = np.eye(len(names))[0]
                     producer = names[0]
-                    gated_steps += len(engines) > 1
+                    gated_steps += len(names) > 1
                 else:
-                    others = await asyncio.gather(
-                        *(
-                            stepper.view(i, self.candidates, full=self.weighting == "dynamic")
-                            for i in range(1, len(engines))
-                        )
-                    )
                     views = [primary, *others]
                     chosen, step_weights, producer = self._fuse(
                         [primary, *others], names, top, temperature, top_p, rng
                     )
                     fused_steps += 1
-                    weight_sums += step_weights
                 weights = dict(zip(names, map(float, step_weights), strict=True))
+                if not gated:
+                    for name, weight in weights.items():
+                        weight_sums[name] += weight
                 chunk = stepper.choose(
                     chosen, views, producer=producer, weights=weights, gated=gated, started=started
                 )
@@ -103,15 +112,33 @@ class FusionStrategy:
         finally:
             await stepper.aclose()
             steps = max(stepper.steps, 1)
-            mean = weight_sums / fused_steps if fused_steps else np.eye(len(engines))[0]
-            trace.experts.extend(names)
-            trace.weights.extend(round(float(w), 6) for w in mean)
+            if not fused_steps:  # the primary alone decided every step
+                lead = stepper.experts[0] if stepper.sessions else engines[0].name
+                weight_sums, fused_steps = {n: float(n == lead) for n in weight_sums}, 1
+            trace.experts.extend(weight_sums)
+            trace.weights.extend(round(w / fused_steps, 6) for w in weight_sums.values())
+            if stepper.failed:
+                trace.details["failed"] = list(stepper.failed)
             trace.details["fusion"] = {
                 "weighting": self.weighting,
                 "steps": stepper.steps,
                 "share": stepper.shares(),
                 "gate_skip_rate": round(gated_steps / steps, 4) if len(engines) > 1 else 0.0,
             }
+
+    async def _others(self, stepper: Stepper, full: bool) -> list[NextTokens]:
+        """The views of every expert but the primary; those that fail are dropped."""
+        results = await asyncio.gather(
+            *(stepper.view(i, self.candidates, full=full) for i in range(1, len(stepper.sessions))),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, ExpertFailed):
+                raise result
+        errors = {i: r for i, r in enumerate(results, start=1) if isinstance(r, BaseException)}
+        if errors:
+            await _drop(stepper, list(errors), next(iter(errors.values())))
+        return [r for r in results if not isinstance(r, BaseException)]
 
     def _fuse(
         self,
@@ -166,3 +193,11 @@ class FusionStrategy:
         token = chosen.token_ids[0]
         credit = [w * math.exp(d[token]) for w, d in zip(weights, dists, strict=True)]
         return chosen, weights, names[int(np.argmax(credit))]
+
+
+async def _drop(stepper: Stepper, indexes: list[int], error: BaseException) -> None:
+    """Leave out failed experts; when none is left, the request fails with `error`."""
+    for i in sorted(indexes, reverse=True):
+        await stepper.drop(i)
+    if not stepper.sessions:
+        raise error

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ensemble.engine import DecodeSession, Engine, SessionEngine
+from ensemble.errors import ExpertFailed
 from ensemble.fusion import pick
 from ensemble.text import StopScanner
 from ensemble.types import Candidate, FinishReason, GenerationChunk, GenerationRequest, NextTokens
@@ -59,6 +60,8 @@ class Stepper:
 
     def __init__(self, sessions: Sequence[DecodeSession], stops: Sequence[str], max_tokens: int):
         self.sessions = list(sessions)
+        self.failed: list[str] = []  # experts left out after failing
+        self._dropped: list[DecodeSession] = []
         self.scanner = StopScanner(stops)
         self.max_tokens = max_tokens
         self.steps = 0
@@ -73,18 +76,39 @@ class Stepper:
     ) -> Stepper:
         """Sessions on every engine (the first is the primary). Stop strings are the request's
         and every expert's own: a base model's "\nUser:" ends the shared answer too, or text the
-        other experts proposed would run on into an invented next turn."""
+        other experts proposed would run on into an invented next turn.
+
+        An expert that fails to open is left out (see `failed`); any other error, or every
+        expert failing, is raised."""
         opening = replace(request, params=replace(request.params, max_tokens=max_tokens, n=1))
         results = await asyncio.gather(
             *(e.open_session(opening) for e in engines), return_exceptions=True
         )
-        failed = [r for r in results if isinstance(r, BaseException)]
+        errors = [r for r in results if isinstance(r, BaseException)]
         opened = [r for r in results if not isinstance(r, BaseException)]
-        if failed:
+        fatal = [e for e in errors if not isinstance(e, ExpertFailed)]
+        if fatal or not opened:
             await asyncio.gather(*(s.aclose() for s in opened))
-            raise failed[0]
+            raise (fatal or errors)[0]
         stops = (*(s for e in engines for s in e.default_stop), *request.params.stop)
-        return cls(opened, stops, max_tokens)
+        stepper = cls(opened, stops, max_tokens)
+        stepper.failed = [
+            e.name for e, r in zip(engines, results, strict=True) if isinstance(r, BaseException)
+        ]
+        return stepper
+
+    @property
+    def experts(self) -> list[str]:
+        return [s.expert for s in self.sessions]
+
+    async def drop(self, i: int) -> None:
+        """Leave out session `i` after its expert failed; if it was the primary, the next one
+        takes over (it catches up on the chosen text like any session that sat out steps)."""
+        session = self.sessions.pop(i)
+        self._pending.pop(i)
+        self._dropped.append(session)
+        self.failed.append(session.expert)
+        await session.aclose()
 
     async def view(self, i: int, k: int, *, full: bool = False) -> NextTokens:
         session = self.sessions[i]
@@ -127,7 +151,10 @@ class Stepper:
 
     def shares(self) -> dict[str, float]:
         steps = max(self.steps, 1)
-        return {s.expert: round(self.produced[s.expert] / steps, 4) for s in self.sessions}
+        return {
+            s.expert: round(self.produced[s.expert] / steps, 4)
+            for s in (*self.sessions, *self._dropped)
+        }
 
     def commit(
         self, chosen: Candidate, own: Sequence[NextTokens | None]
@@ -158,7 +185,8 @@ class Stepper:
 
     def accounting(self) -> list[GenerationChunk]:
         """Zero-text chunks carrying the other experts' prompt tokens, for usage."""
-        return [GenerationChunk(s.expert, 0, "", 0, s.prompt_tokens) for s in self.sessions[1:]]
+        others = (*self.sessions[1:], *self._dropped)
+        return [GenerationChunk(s.expert, 0, "", 0, s.prompt_tokens) for s in others]
 
     async def aclose(self) -> None:
         await asyncio.gather(*(s.aclose() for s in self.sessions))

@@ -5,6 +5,9 @@ extracted answers. When that expert agrees with itself less than `escalate_below
 expert's samples join the vote, each sample weighted by its expert's consistency
 (`ensemble.voting`). By default the next expert samples concurrently from the start and its work
 is cancelled when the vote does not need it. The reply is the winning sample's own text.
+
+An expert that fails is skipped: the next routed expert takes its place (listed in
+`trace.details["failed"]`); the request fails only when every expert it needed has failed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from ensemble.answers import AnswerFormat, extract
 from ensemble.engine import Engine
+from ensemble.errors import ExpertFailed
 from ensemble.types import (
     EnsembleTrace,
     FinishReason,
@@ -93,30 +97,46 @@ class VotingStrategy:
             logprobs=True,  # ties are broken by mean token log-probability
         )
         sampling = replace(request, params=params)
-        started = asyncio.Event()
         runs: list[_Run] = []
-        top = asyncio.create_task(self._sample(experts[0], sampling, started))
-        second = None
-        if self.concurrent and len(experts) > 1:  # sample both now; drop the second if unneeded
-            second = asyncio.create_task(self._sample(experts[1], sampling, asyncio.Event()))
-        try:
-            async for beat in self._heartbeats(top, started, experts[0].name):
-                yield beat
-            runs.append(top.result())
-            escalated = top_share(self._samples(runs)) < self.escalate_below and len(experts) > 1
-            if escalated:
-                if second is None:
-                    second = asyncio.create_task(
-                        self._sample(experts[1], sampling, asyncio.Event())
-                    )
-                async for beat in self._heartbeats(second, None, experts[0].name):
-                    yield beat
-                runs.append(second.result())
-        finally:
-            if second is not None and not second.done():
-                second.cancel()  # not escalated (or the client left): stop its engine work
-                await asyncio.gather(second, return_exceptions=True)
+        failed: list[str] = []
+        tasks: dict[int, tuple[asyncio.Task[_Run], asyncio.Event]] = {}
 
+        def start(i: int) -> None:
+            if i < len(experts) and i not in tasks:
+                started = asyncio.Event()
+                task = asyncio.create_task(self._sample(experts[i], sampling, started))
+                tasks[i] = (task, started)
+
+        wanted, beating = 1, False  # runs the vote needs; whether a byte (keep-alive) went out
+        try:
+            for i in range(len(experts)):
+                if len(runs) == wanted:
+                    break
+                start(i)
+                if self.concurrent:  # sample the next one now; dropped if the vote needs it not
+                    start(i + 1)
+                task, started = tasks.pop(i)
+                try:
+                    # Until a byte is out, wait for content first: an early failure stays clean.
+                    async for beat in self._heartbeats(task, None if beating else started):
+                        beating = True
+                        yield beat
+                    runs.append(task.result())
+                except ExpertFailed:
+                    failed.append(experts[i].name)
+                    if i == len(experts) - 1 and not runs:
+                        raise
+                    continue
+                if wanted == 1 and top_share(self._samples(runs)) < self.escalate_below:
+                    wanted = 2  # the top expert disagrees with itself: ask the next one
+        finally:
+            for task, _ in tasks.values():  # not needed (or the client left): stop their work
+                task.cancel()
+            await asyncio.gather(*(t for t, _ in tasks.values()), return_exceptions=True)
+
+        if failed:
+            trace.details["failed"] = failed
+        escalated = len(runs) > 1
         samples = self._samples(runs)
         names = [run.expert for run in runs]
         weights = consistency_weights(samples, names) if escalated else {names[0]: 1.0}
@@ -156,7 +176,7 @@ class VotingStrategy:
         return _Run(expert.name, samples, prompt_tokens)
 
     async def _heartbeats(
-        self, task: asyncio.Task[_Run], started: asyncio.Event | None, expert: str
+        self, task: asyncio.Task[_Run], started: asyncio.Event | None
     ) -> AsyncGenerator[GenerationChunk, None]:
         """Keep-alive chunks every `keepalive_s` until `task` ends.
 
@@ -171,11 +191,11 @@ class VotingStrategy:
                 if task.done():
                     task.result()  # raises the expert's error, if any
                     return
-                yield GenerationChunk(expert, 0, "", 0, 0, keepalive=True)
+                yield GenerationChunk("", 0, "", 0, 0, keepalive=True)
             while not task.done():
                 done, _ = await asyncio.wait({task}, timeout=self.keepalive_s)
                 if not done:
-                    yield GenerationChunk(expert, 0, "", 0, 0, keepalive=True)
+                    yield GenerationChunk("", 0, "", 0, 0, keepalive=True)
             task.result()
         finally:
             if not task.done():  # the client went away: stop the expert's work

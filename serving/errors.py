@@ -89,3 +89,9 @@ class DeadlineExceededError(GatewayError):
 class ExpertError(GatewayError, ExpertFailed):
     status_code = 502
     error_type = "expert_error"
+
+
+class ExpertTimeoutError(ExpertError):
+    status_code = 504
+    error_type = "timeout"
+    default_code = "expert_timeout"

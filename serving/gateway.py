@@ -32,6 +32,7 @@ from serving.config import (
 )
 from serving.embedders import load_embedder
 from serving.engines import build_engine
+from serving.engines.supervised import supervise
 from serving.errors import ModelNotFoundError
 from serving.metrics import GatewayMetrics
 
@@ -71,16 +72,27 @@ class Gateway:
         config: Config,
         metrics: GatewayMetrics,
         engines: Mapping[str, Engine] | None = None,
+        *,
+        previous: Gateway | None = None,
     ) -> None:
+        """`engines` replaces the configured ones (tests, embedding). With `previous` (a reload),
+        experts whose settings did not change keep their loaded engine, and the embedder too."""
         self.config = config
         self.metrics = metrics
-        self.engines: dict[str, Engine] = (
-            dict(engines)
-            if engines is not None
-            else {name: build_engine(name, expert) for name, expert in config.experts.items()}
-        )
-        self.embedder = BatchingEmbedder(
-            wait_ms=config.router.batch_wait_ms, max_batch=config.router.max_batch
+        self.reused = previous.reusable(config) if previous is not None else {}
+        self.engines: dict[str, Engine] = dict(self.reused)
+        for name, expert in config.experts.items():
+            if name not in self.engines:
+                engine = engines[name] if engines is not None else build_engine(name, expert)
+                self.engines[name] = supervise(
+                    engine, expert.first_token_timeout_s, expert.token_timeout_s
+                )
+        self.embedder: BatchingEmbedder = (
+            previous.embedder
+            if previous is not None and previous.config.router == config.router
+            else BatchingEmbedder(
+                wait_ms=config.router.batch_wait_ms, max_batch=config.router.max_batch
+            )
         )
         self.needs_embedder = any(pool.router is not None for pool in config.pools.values())
         self.targets: dict[str, Target] = {}
@@ -98,6 +110,15 @@ class Gateway:
             )
         self.loading = True
         self.load_errors: dict[str, str] = {}
+        self.inflight = 0  # requests started on this gateway and not yet finished
+
+    def reusable(self, config: Config) -> dict[str, Engine]:
+        """Loaded engines whose expert settings are the same in `config`."""
+        return {
+            name: engine
+            for name, engine in self.engines.items()
+            if config.experts.get(name) == self.config.experts[name] and engine.ready
+        }
 
     def _observe_step(self, pool: str, step: Step) -> None:
         self.metrics.fusion_steps.labels(pool).inc()
@@ -121,8 +142,10 @@ class Gateway:
 
     async def start(self) -> None:
         """Load the embedder and every engine; one that fails is reported and left out."""
-        loads = {name: engine.start() for name, engine in self.engines.items()}
-        if self.needs_embedder:
+        loads = {
+            name: engine.start() for name, engine in self.engines.items() if name not in self.reused
+        }
+        if self.needs_embedder and self.embedder.embedder is None:
             loads[EMBEDDER] = self.embedder.load(
                 partial(load_embedder, self.config.router.embedder, self.config.router.backend)
             )
@@ -148,8 +171,12 @@ class Gateway:
                         "`dynamic` weighting needs experts that share one vocabulary"
                     )
 
-    async def aclose(self) -> None:
-        closing = [e.aclose() for e in self.engines.values()] + [self.embedder.aclose()]
+    async def aclose(self, keep: Gateway | None = None) -> None:
+        """Close engines and the embedder, except those `keep` (the next gateway) took over."""
+        kept = set(map(id, keep.engines.values())) if keep is not None else set()
+        closing = [e.aclose() for e in self.engines.values() if id(e) not in kept]
+        if keep is None or keep.embedder is not self.embedder:
+            closing.append(self.embedder.aclose())
         await asyncio.gather(*closing, return_exceptions=True)
 
     def can_serve(self, target: Target) -> bool:

@@ -5,6 +5,7 @@ No FastAPI here: `ChatService` returns dicts and SSE strings, so it is testable 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -50,6 +51,10 @@ class ChatCall:
     first_token_at: float | None = None
     prompt_tokens: dict[str, int] = field(default_factory=dict)  # per expert
     completion_tokens: int = 0
+
+    def age(self) -> float:
+        """Seconds since the request arrived."""
+        return time.perf_counter() - self.received
 
     @property
     def labels(self) -> tuple[str, str]:
@@ -182,10 +187,25 @@ class ChatService:
 
     # -- reading the stream ------------------------------------------------------------------
 
-    async def _chunks(self, call: ChatCall) -> AsyncGenerator[GenerationChunk, None]:
+    async def _chunks(
+        self, call: ChatCall, deadline_s: float | None = None
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        """The call's chunks; past `deadline_s` from arrival, a `DeadlineExceededError` (the
+        strategy's work is closed with the stream, even while it waits on a stalled expert)."""
+        loop = asyncio.get_running_loop()
+        when = None if deadline_s is None else loop.time() + deadline_s - call.age()
         async with aclosing(call.rest):
             yield call.first
-            async for chunk in call.rest:
+            while True:
+                try:
+                    async with asyncio.timeout_at(when):
+                        chunk = await anext(call.rest)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise DeadlineExceededError(
+                        f"the request ran past its {deadline_s:g}s deadline"
+                    ) from None
                 yield chunk
 
     def _count(self, call: ChatCall, chunk: GenerationChunk) -> None:
@@ -256,17 +276,12 @@ class ChatService:
     async def stream(self, call: ChatCall, deadline_s: float | None = None) -> AsyncIterator[str]:
         """SSE events: a role chunk per choice, content chunks, optional usage, then [DONE]."""
         status = 200
-        deadline = None if deadline_s is None else call.received + deadline_s
         try:
             for i in range(call.body.n):
                 yield _sse(
                     self._chunk(call, i, {"role": "assistant", "content": ""}, with_meta=True)
                 )
-            async for chunk in self._chunks(call):
-                if deadline is not None and time.perf_counter() > deadline:
-                    raise DeadlineExceededError(
-                        f"the request ran past its {deadline_s:g}s deadline"
-                    )
+            async for chunk in self._chunks(call, deadline_s):
                 if chunk.keepalive:
                     yield ": keep-alive\n\n"
                     continue

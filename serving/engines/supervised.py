@@ -1,0 +1,121 @@
+"""Per-expert timeouts around any engine.
+
+An expert that takes longer than `first_token_timeout_s` to start answering, or stalls longer than
+`token_timeout_s` between two pieces of output, is cut off: its stream is closed (which stops its
+work) and an `ExpertTimeoutError` raised, so strategies treat it like any failed expert (fall back,
+or continue with the experts left). The same limits apply to decode sessions: the first view of
+the next token may take `first_token_timeout_s` (prefill), every later call `token_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Awaitable
+from contextlib import aclosing
+from typing import TypeVar
+
+from ensemble.engine import DecodeSession, Engine, SessionEngine
+from ensemble.types import GenerationChunk, GenerationRequest, NextTokens
+from serving.errors import ExpertTimeoutError
+
+T = TypeVar("T")
+
+
+class SupervisedEngine:
+    """`engine` with timeouts; everything else passes through."""
+
+    def __init__(self, engine: Engine, first_token_timeout_s: float, token_timeout_s: float):
+        self.engine = engine
+        self.name = engine.name
+        self.first_token_timeout_s = first_token_timeout_s
+        self.token_timeout_s = token_timeout_s
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready
+
+    @property
+    def context_window(self) -> int:
+        return self.engine.context_window
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def aclose(self) -> None:
+        await self.engine.aclose()
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        limit = self.first_token_timeout_s
+        async with aclosing(self.engine.generate(request)) as stream:
+            while True:
+                try:
+                    chunk = await _within(anext(stream), limit, self.name, "output")
+                except StopAsyncIteration:
+                    return
+                limit = self.token_timeout_s
+                yield chunk
+
+
+class SupervisedSessionEngine(SupervisedEngine):
+    """A `SessionEngine` with timeouts on its sessions too."""
+
+    engine: SessionEngine
+
+    def __init__(self, engine: SessionEngine, first_token_timeout_s: float, token_timeout_s: float):
+        super().__init__(engine, first_token_timeout_s, token_timeout_s)
+        self.engine = engine
+
+    @property
+    def vocabulary(self) -> str:
+        return self.engine.vocabulary
+
+    @property
+    def default_stop(self) -> tuple[str, ...]:
+        return self.engine.default_stop
+
+    async def open_session(self, request: GenerationRequest) -> DecodeSession:
+        session = await _within(
+            self.engine.open_session(request), self.first_token_timeout_s, self.name, "a session"
+        )
+        return _SupervisedSession(session, self)
+
+
+class _SupervisedSession:
+    def __init__(self, session: DecodeSession, owner: SupervisedEngine) -> None:
+        self.session = session
+        self.expert = session.expert
+        self.prompt_tokens = session.prompt_tokens
+        self._owner = owner
+        self._limit = owner.first_token_timeout_s  # the first view pays for the prefill
+
+    async def _call(self, work: Awaitable[T]) -> T:
+        result = await _within(work, self._limit, self.expert, "its next token")
+        self._limit = self._owner.token_timeout_s
+        return result
+
+    async def top_k(self, k: int, *, full: bool = False) -> NextTokens:
+        return await self._call(self.session.top_k(k, full=full))
+
+    async def extend(self, text: str) -> None:
+        await self._call(self.session.extend(text))
+
+    async def extend_ids(self, ids: tuple[int, ...], text: str) -> None:
+        await self._call(self.session.extend_ids(ids, text))
+
+    async def aclose(self) -> None:
+        await self.session.aclose()
+
+
+async def _within(work: Awaitable[T], seconds: float, expert: str, what: str) -> T:
+    try:
+        return await asyncio.wait_for(work, seconds)
+    except TimeoutError:
+        raise ExpertTimeoutError(
+            f"expert {expert} timed out: no {what} within {seconds:g}s"
+        ) from None
+
+
+def supervise(engine: Engine, first_token_timeout_s: float, token_timeout_s: float) -> Engine:
+    if isinstance(engine, SessionEngine):
+        return SupervisedSessionEngine(engine, first_token_timeout_s, token_timeout_s)
+    return SupervisedEngine(engine, first_token_timeout_s, token_timeout_s)

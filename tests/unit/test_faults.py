@@ -1,0 +1,177 @@
+"""Failing and stalling experts: timeouts, fallbacks, and ensembles carrying on without them.
+
+Scripted engines stand in for the experts here (the logic under test is the strategies'); the
+same faults against real servers are in tests/integration/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from ensemble.engine import Engine
+from ensemble.fuse import FusionStrategy
+from ensemble.strategy import SingleStrategy, Strategy
+from ensemble.types import (
+    ChatMessage,
+    EnsembleTrace,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingParams,
+)
+from ensemble.vote import VotingStrategy
+from serving.engines.supervised import supervise
+from serving.errors import ExpertError, ExpertTimeoutError
+from tests.fakes import FakeEngine, ScriptedSamples, ScriptedSessionEngine
+
+pytestmark = pytest.mark.anyio
+
+REQUEST = GenerationRequest("r", (ChatMessage("user", "hi"),), SamplingParams(temperature=0.0))
+
+
+async def collect(stream: object) -> list[GenerationChunk]:
+    return [chunk async for chunk in stream]  # type: ignore[attr-defined]
+
+
+async def run(
+    strategy: Strategy, experts: Sequence[Engine]
+) -> tuple[str, EnsembleTrace, list[GenerationChunk]]:
+    trace = EnsembleTrace()
+    chunks = await collect(strategy.run(REQUEST, experts, trace))
+    return "".join(c.text for c in chunks), trace, chunks
+
+
+# -- per-expert timeouts ----------------------------------------------------------------------
+
+
+async def test_an_expert_that_never_starts_times_out_and_its_work_stops() -> None:
+    inner = FakeEngine("slow", ["a", "b"], stall_after=0)
+    engine = supervise(inner, first_token_timeout_s=0.2, token_timeout_s=5)
+    with pytest.raises(ExpertTimeoutError, match="slow timed out"):
+        await collect(engine.generate(REQUEST))
+    assert inner.active == 0
+
+
+async def test_an_expert_that_stalls_mid_answer_is_cut_off() -> None:
+    inner = FakeEngine("stalls", ["a", "b", "c"], stall_after=2)
+    engine = supervise(inner, first_token_timeout_s=5, token_timeout_s=0.2)
+    got: list[str] = []
+    with pytest.raises(ExpertTimeoutError):
+        async for chunk in engine.generate(REQUEST):
+            got.append(chunk.text)
+    assert got == ["a", "b"]
+    assert inner.active == 0
+
+
+async def test_a_slow_but_steady_expert_is_not_cut() -> None:
+    engine = supervise(ScriptedSamples("steady", [("x", -0.1)], delay_s=0.1), 1.0, 0.3)
+    chunks = await collect(engine.generate(REQUEST))
+    assert [c.text for c in chunks] == ["x"]
+
+
+# -- single -------------------------------------------------------------------------------------
+
+
+async def test_single_falls_back_when_the_top_expert_stalls_before_answering() -> None:
+    stalled = supervise(FakeEngine("a", ["never"], stall_after=0), 0.2, 0.2)
+    text, trace, _ = await run(SingleStrategy(), [stalled, FakeEngine("b", ["ok", "!"])])
+    assert text == "ok!"
+    assert trace.experts == ["b"]
+    assert trace.details["failed"] == ["a"]
+
+
+# -- vote ---------------------------------------------------------------------------------------
+
+
+def voting(**kwargs: object) -> VotingStrategy:
+    return VotingStrategy(samples=3, keepalive_s=0.05, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("concurrent", [True, False])
+async def test_vote_takes_the_next_expert_when_the_top_one_fails(concurrent: bool) -> None:
+    good = ScriptedSamples("good", [("The answer is 4", -0.1)])
+    text, trace, _ = await run(
+        voting(concurrent=concurrent), [FakeEngine("bad", ["x"], fail_after=0), good]
+    )
+    assert text == "The answer is 4"
+    assert trace.experts == ["good"]
+    assert trace.details["failed"] == ["bad"]
+    assert trace.details["vote"]["escalated"] is False
+
+
+async def test_vote_keeps_the_top_experts_answer_when_the_escalation_fails() -> None:
+    torn = ScriptedSamples("torn", [("4", -0.1), ("5", -0.2), ("6", -0.3)])  # agreement 1/3
+    stalled = supervise(FakeEngine("stalled", ["x"], stall_after=0), 0.2, 0.2)
+    text, trace, _ = await run(voting(), [torn, stalled])
+    assert text == "4"
+    assert trace.experts == ["torn"]
+    assert trace.details["failed"] == ["stalled"]
+
+
+async def test_vote_escalates_past_a_failed_expert_to_the_one_after() -> None:
+    torn = ScriptedSamples("torn", [("4", -0.1), ("5", -0.2), ("6", -0.3)])
+    sure = ScriptedSamples("sure", [("5", -0.1)])
+    text, trace, _ = await run(voting(), [torn, FakeEngine("bad", ["x"], fail_after=0), sure])
+    assert text == "5"
+    assert trace.experts == ["torn", "sure"]
+    assert trace.details["failed"] == ["bad"]
+
+
+async def test_vote_fails_before_any_byte_when_every_expert_fails() -> None:
+    trace = EnsembleTrace()
+    stream = voting().run(
+        REQUEST,
+        [FakeEngine("a", ["x"], fail_after=0), FakeEngine("b", ["y"], fail_after=0)],
+        trace,
+    )
+    with pytest.raises(ExpertError, match="expert b failed"):
+        await anext(stream)
+
+
+# -- fuse ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+async def test_fuse_carries_on_when_an_expert_fails_mid_answer(failing: int) -> None:
+    experts = [
+        ScriptedSessionEngine("a", "hello", fail_at=2 if failing == 0 else None),
+        ScriptedSessionEngine("b", "hello", fail_at=2 if failing == 1 else None),
+    ]
+    text, trace, _ = await run(FusionStrategy(), experts)
+    assert text == "hello"  # the survivor caught up on the text chosen before the failure
+    assert trace.details["failed"] == [experts[failing].name]
+    assert set(trace.experts) == {"a", "b"}
+    assert all(s.closed for e in experts for s in e.sessions)
+
+
+async def test_fuse_drops_an_expert_that_stalls_and_one_that_cannot_open() -> None:
+    stalls = supervise(ScriptedSessionEngine("stalls", "hello", stall_at=1), 1.0, 0.2)
+    text, trace, _ = await run(
+        FusionStrategy(),
+        [
+            ScriptedSessionEngine("a", "hello"),
+            stalls,
+            ScriptedSessionEngine("closed", "hello", fail_open=True),
+        ],
+    )
+    assert text == "hello"
+    assert sorted(trace.details["failed"]) == ["closed", "stalls"]
+
+
+async def test_fuse_fails_with_the_experts_error_when_none_is_left() -> None:
+    experts = [
+        ScriptedSessionEngine("a", "hello", fail_at=1),
+        ScriptedSessionEngine("b", "hello", fail_at=1),
+    ]
+    with pytest.raises(ExpertError, match="scripted"):
+        await run(FusionStrategy(), experts)
+
+
+async def test_a_stalled_session_call_is_abandoned_promptly() -> None:
+    stalls = supervise(ScriptedSessionEngine("stalls", "hi", stall_at=0), 0.2, 0.2)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(ExpertTimeoutError):
+        await run(FusionStrategy(), [stalls])
+    assert asyncio.get_running_loop().time() - started < 2
