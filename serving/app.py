@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -19,37 +21,59 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ensemble.engine import Engine
 from serving.admission import ConcurrencyLimit, RateLimit
 from serving.config import Config, key_path
-from serving.errors import DeadlineExceededError, GatewayError, error_body
-from serving.gateway import Gateway
+from serving.errors import (
+    DeadlineExceededError,
+    GatewayError,
+    ServiceUnavailableError,
+    error_body,
+)
 from serving.guard import Guard
 from serving.metrics import GatewayMetrics
 from serving.protocol import ChatCompletionRequest, model_card
-from serving.service import ChatService
+from serving.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def create_app(config: Config, *, engines: Mapping[str, Engine] | None = None) -> FastAPI:
+def create_app(
+    config: Config,
+    *,
+    engines: Mapping[str, Engine] | None = None,
+    config_path: Path | None = None,
+) -> FastAPI:
     """Build the app for `config`. Engines load in the background once the app starts; until
-    then `/health` answers 503. `engines` replaces the configured ones (tests, embedding)."""
+    then `/health` answers 503. `engines` replaces the configured ones (tests, embedding). With
+    `config_path`, SIGHUP reloads that file (`serving.runtime`)."""
     metrics = GatewayMetrics()
-    gateway = Gateway(config, metrics, engines)
-    service = ChatService(gateway)
+    runtime = Runtime(config, metrics, engines, config_path)
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(gateway.start())
+        loading = asyncio.create_task(runtime.gateway.start())
+        reloads: set[asyncio.Task[bool]] = set()
+
+        def on_sighup() -> None:
+            task = asyncio.create_task(runtime.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        if config_path is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
         try:
             yield
         finally:
+            if config_path is not None:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             loading.cancel()
-            await gateway.aclose()
+            for task in reloads:
+                task.cancel()
+            await runtime.aclose()
 
     app = FastAPI(title="Chorus", version="0.1.0", lifespan=lifespan)
     app.add_middleware(Guard, config=config.server)
-    app.state.gateway = gateway
+    app.state.runtime = runtime
     _install_error_handlers(app, metrics)
 
     server = config.server
@@ -63,8 +87,12 @@ def create_app(config: Config, *, engines: Mapping[str, Engine] | None = None) -
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         received = time.perf_counter()
+        service = runtime.service  # the request stays on this gateway, even across a reload
+        gateway = service.gateway
         pool = body.model if body.model in gateway.targets else "unknown"
         try:
+            if runtime.draining:
+                raise ServiceUnavailableError("Chorus is shutting down; retry on another replica.")
             if rate is not None:
                 rate.check(_client_key(request))
             if slots is not None:
@@ -73,9 +101,11 @@ def create_app(config: Config, *, engines: Mapping[str, Engine] | None = None) -
             metrics.requests.labels(pool, "", str(exc.status_code)).inc()
             raise
         metrics.inflight.inc()
+        gateway.inflight += 1
 
         def finished() -> None:
             metrics.inflight.dec()
+            gateway.inflight -= 1
             if slots is not None:
                 slots.release()
 
@@ -110,6 +140,8 @@ def create_app(config: Config, *, engines: Mapping[str, Engine] | None = None) -
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
+        gateway = runtime.gateway
+        config = gateway.config
         cards = []
         for name, expert in config.experts.items():
             engine = gateway.engines[name]
@@ -126,19 +158,21 @@ def create_app(config: Config, *, engines: Mapping[str, Engine] | None = None) -
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        gateway = runtime.gateway
         body: dict[str, Any] = {
             "experts": {name: engine.ready for name, engine in gateway.engines.items()}
         }
         if gateway.load_errors:
             body["errors"] = gateway.load_errors
-        if gateway.ready:
+        if gateway.ready and not runtime.draining:
             return JSONResponse({"status": "ok", **body})
-        status = "loading" if gateway.loading else "unavailable"
+        status = "draining" if runtime.draining else "loading" if gateway.loading else "unavailable"
         return JSONResponse({"status": status, **body}, status_code=503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        for name, engine in gateway.engines.items():  # read at scrape: remote experts come and go
+        # Read at scrape: remote experts come and go.
+        for name, engine in runtime.gateway.engines.items():
             metrics.expert_healthy.labels(name).set(1 if engine.ready else 0)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 from router.artifact import ArtifactError
 from serving.config import Config, ConfigError, load_config
@@ -109,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.config}: ok ({len(config.experts)} experts, {len(config.pools)} pools)")
             return 0
         if args.command == "serve":
-            return _serve(config, args.host, args.port)
+            return _serve(config, args.config, args.host, args.port)
         if args.command == "bench":
             return asyncio.run(_bench(config, args.tokens, args.repeats))
         if args.command == "calibrate":
@@ -269,12 +270,31 @@ def _prepare(config: Config | None) -> int:
     return 0
 
 
-def _serve(config: Config, host: str, port: int) -> int:
+def _serve(config: Config, path: Path, host: str, port: int) -> int:
+    """Serve until SIGTERM/SIGINT, then drain: no new connections, `/health` 503 and new
+    requests refused on open ones, requests in flight finish (up to `shutdown_grace_s`), then
+    the engines are closed. SIGHUP reloads `path`."""
     import uvicorn
 
     from serving.app import create_app
 
-    uvicorn.run(create_app(config), host=host, port=port, log_level="info", access_log=False)
+    app = create_app(config, config_path=path)
+    runtime = app.state.runtime
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            runtime.draining = True
+            super().handle_exit(sig, frame)
+
+    settings = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        timeout_graceful_shutdown=config.server.shutdown_grace_s,
+    )
+    DrainingServer(settings).run()
     return 0
 
 

@@ -217,6 +217,8 @@ class ServerConfig(_Model):
     """Whole-request deadline: 504 before the first byte, an SSE error event after; None: none."""
     rate_limit_per_minute: Annotated[int, Field(ge=1)] | None = None
     """Chat requests per minute per API key (per client address when no keys); None: no limit."""
+    shutdown_grace_s: Annotated[int, Field(ge=0)] = 30
+    """On SIGTERM/SIGINT: how long requests in flight may take to finish before they are cut."""
 
 
 class Config(_Model):

@@ -109,3 +109,9 @@ class GatewayMetrics:
             ["expert"],
             registry=r,
         )
+        self.config_reloads = Counter(
+            "chorus_config_reloads",
+            "Config reloads (SIGHUP), by result: ok, or refused (the old config kept serving).",
+            ["result"],
+            registry=r,
+        )

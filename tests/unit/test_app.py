@@ -181,3 +181,23 @@ def test_a_failure_after_output_is_not_retried_on_another_expert(tmp_path: Path)
             if json.loads(e)["choices"]
         )
         assert text == "one two"  # what `late` said before failing; nobody else was tried
+
+
+def test_while_draining_health_is_503_and_new_requests_are_refused(tmp_path: Path) -> None:
+    with app_with(tmp_path) as client:
+        wait_healthy(client)
+        client.app.state.runtime.draining = True  # what SIGTERM sets
+        health = client.get("/health")
+        assert health.status_code == 503
+        assert health.json()["status"] == "draining"
+        refused = client.post("/v1/chat/completions", json={"model": "auto", **BODY})
+        assert refused.status_code == 503
+        assert "shutting down" in refused.json()["error"]["message"]
+
+
+def wait_healthy(client: TestClient) -> None:
+    for _ in range(500):
+        if client.get("/health").status_code == 200:
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("never healthy")
