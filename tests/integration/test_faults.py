@@ -1,0 +1,202 @@
+"""Faults on a real server: an expert that stalls (a real HTTP upstream that stops talking), and
+a storm of clients that leave mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from tests.conftest import ServerProcess, free_port
+
+pytestmark = pytest.mark.integration
+
+
+# -- an upstream that stalls ------------------------------------------------------------------
+
+
+async def _models(_: Request) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [{"id": "staller", "object": "model"}]})
+
+
+async def _chat(request: Request) -> StreamingResponse:
+    """Streams two words then goes silent; with "early" in the prompt, silent from the start."""
+    body = await request.json()
+    early = "early" in body["messages"][-1]["content"]
+
+    async def events() -> AsyncIterator[str]:
+        if not early:
+            for word in ("Stalling", " now"):
+                delta = {"choices": [{"index": 0, "delta": {"content": word}}]}
+                yield f"data: {json.dumps(delta)}\n\n"
+        await asyncio.sleep(3600)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@pytest.fixture(scope="module")
+def staller() -> Iterator[str]:
+    app = Starlette(
+        routes=[
+            Route("/v1/models", _models),
+            Route("/v1/chat/completions", _chat, methods=["POST"]),
+        ]
+    )
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    server.force_exit = True  # streams it holds open sleep for an hour
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def gateway(staller: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    path = tmp_path_factory.mktemp("faults") / "c.yaml"
+    path.write_text(
+        "experts:\n"
+        "  smollm2-135m-instruct: {model: bundled:smollm2-135m-instruct, max_model_len: 2048}\n"
+        "  staller:\n"
+        "    engine: openai\n"
+        f"    base_url: {staller}/v1\n"
+        "    model: staller\n"
+        "    retries: 0\n"
+        "    first_token_timeout_s: 2\n"
+        "    token_timeout_s: 1\n"
+        "pools:\n"
+        "  single: {experts: [staller, smollm2-135m-instruct]}\n"
+        "  vote:\n"
+        "    experts: [staller, smollm2-135m-instruct]\n"
+        "    strategy: {type: vote, samples: 3, keepalive_s: 0.5}\n"
+    )
+    srv = ServerProcess(path)
+    try:
+        srv.wait_ready(60)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def ask(srv: ServerProcess, model: str, prompt: str, **extra: object) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], **extra}
+    return httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=60)
+
+
+def metric(srv: ServerProcess, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(f"{srv.url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def test_an_expert_silent_from_the_start_is_timed_out_and_the_next_one_answers(
+    gateway: ServerProcess,
+) -> None:
+    started = time.monotonic()
+    response = ask(gateway, "single", "Say hi (early)", max_tokens=8, temperature=0)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["chorus"]["experts"] == ["smollm2-135m-instruct"]
+    assert body["chorus"]["failed"] == ["staller"]
+    assert body["choices"][0]["message"]["content"]
+    assert 2 <= time.monotonic() - started < 30  # waited out the first-token timeout, no more
+    assert metric(gateway, "chorus_fallbacks_total", pool="single") >= 1
+
+
+def test_an_expert_that_stalls_mid_stream_ends_the_stream_with_an_error_event(
+    gateway: ServerProcess,
+) -> None:
+    body = {
+        "model": "single",
+        "messages": [{"role": "user", "content": "Say hi"}],
+        "stream": True,
+    }
+    events = []
+    started = time.monotonic()
+    with httpx.stream(
+        "POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line.removeprefix("data: "))
+    assert time.monotonic() - started < 30
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "timeout" and "staller timed out" in error["message"]
+    text = "".join(
+        c["delta"].get("content") or ""
+        for e in events[:-2]
+        for c in json.loads(e).get("choices", [])
+    )
+    assert text == "Stalling now"
+    before = metric(gateway, "chorus_expert_failures_total", expert="staller")
+    assert before >= 1
+
+
+def test_a_vote_carries_on_without_an_expert_that_stalls(gateway: ServerProcess) -> None:
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+    reply = client.chat.completions.create(
+        model="vote", messages=[{"role": "user", "content": "What is 2 + 2?"}], max_tokens=12
+    )
+    chorus = reply.model_extra["chorus"]
+    assert chorus["failed"] == ["staller"]
+    assert chorus["experts"] == ["smollm2-135m-instruct"]
+    assert reply.choices[0].message.content
+    assert httpx.get(f"{gateway.url}/health").status_code == 200
+
+
+# -- clients leaving --------------------------------------------------------------------------
+
+
+async def _leave_after_first_token(url: str) -> bool:
+    body = {
+        "model": "smollm2-135m-instruct",
+        "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+        "max_tokens": 400,
+        "stream": True,
+    }
+    async with (
+        httpx.AsyncClient(timeout=120) as client,
+        client.stream("POST", f"{url}/v1/chat/completions", json=body) as response,
+    ):
+        async for line in response.aiter_lines():
+            if '"content":"' in line and '"content":""' not in line:
+                return True  # leave: the connection closes with the client
+    return False
+
+
+def test_a_disconnect_storm_leaves_no_work_behind(server: ServerProcess) -> None:
+    async def storm() -> list[bool]:
+        return await asyncio.gather(*(_leave_after_first_token(server.url) for _ in range(24)))
+
+    assert all(asyncio.run(storm()))
+    deadline = time.monotonic() + 30
+    while metric(server, "chorus_inflight_requests") > 0:
+        assert time.monotonic() < deadline, "requests still in flight after their clients left"
+        time.sleep(0.2)
+    labels = {"expert": "smollm2-135m-instruct", "kind": "completion"}
+    tokens = metric(server, "chorus_tokens_total", **labels)
+    time.sleep(1.5)
+    after = metric(server, "chorus_tokens_total", **labels)
+    assert after == tokens, "the engine kept generating for clients that left"
+    ok = ask(server, "smollm2-135m-instruct", "Say hi", max_tokens=4)
+    assert ok.status_code == 200
