@@ -3,6 +3,7 @@
 Entropy Adaptive Decoding (Simonds 2025): at each step the draft expert's next-token entropy
 joins a rolling window; while the window's mean exceeds `threshold` (nats), the strong expert
 chooses the token, otherwise the draft's own choice stands. Both continue from the same text.
+If one of them fails, the other carries on alone.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import AsyncGenerator, Sequence
 import numpy as np
 
 from ensemble.engine import Engine
+from ensemble.errors import ExpertFailed
 from ensemble.stepwise import StepObserver, Stepper, own_choice, session_engines
 from ensemble.types import EnsembleTrace, GenerationChunk, GenerationRequest, NextTokens
 
@@ -53,7 +55,6 @@ class CascadeStrategy:
         params = request.params
         # The strong expert is session 0: its tokenizer defines the output, like a fuse primary.
         stepper = await Stepper.open(engines, request, params.max_tokens or self.max_tokens)
-        draft_index = len(engines) - 1
         temperature = params.temperature if params.temperature is not None else 0.0
         top_p = params.top_p if params.top_p is not None else 1.0
         rng = np.random.default_rng(params.seed)
@@ -62,21 +63,31 @@ class CascadeStrategy:
         try:
             while not stepper.finished:
                 started = time.perf_counter()
-                draft_view = await stepper.view(draft_index, self.candidates)
+                draft_index = len(stepper.sessions) - 1  # 0 once either expert has failed
+                try:
+                    draft_view = await stepper.view(draft_index, self.candidates)
+                except ExpertFailed as exc:
+                    await stepper.drop([draft_index], exc)
+                    continue
                 recent.append(draft_view.entropy)
                 escalate = draft_index > 0 and sum(recent) / len(recent) > self.threshold
-                views: list[NextTokens | None] = [None] * len(engines)
+                views: list[NextTokens | None] = [None] * len(stepper.sessions)
                 views[draft_index] = draft_view
                 chooser = draft_index
                 if escalate:
-                    views[0] = await stepper.view(0, self.candidates)
-                    chooser = 0
+                    try:
+                        views[0] = await stepper.view(0, self.candidates)
+                        chooser = 0
+                    except ExpertFailed as exc:
+                        await stepper.drop([0], exc)
+                        views, chooser = [draft_view], 0
                 view = views[chooser]
                 assert view is not None
                 chosen = own_choice(view, temperature, top_p, rng)
-                weights = {n: float(i == chooser) for i, n in enumerate(names)}
+                live = stepper.experts
+                weights = {n: float(i == chooser) for i, n in enumerate(live)}
                 chunk = stepper.choose(
-                    chosen, views, producer=names[chooser], weights=weights, gated=False,
+                    chosen, views, producer=live[chooser], weights=weights, gated=False,
                     started=started,
                 )  # fmt: skip
                 if chunk is not None:
@@ -88,8 +99,10 @@ class CascadeStrategy:
             shares = stepper.shares()
             trace.experts.extend(names)
             trace.weights.extend(shares[n] for n in names)
+            if stepper.failed:
+                trace.details["failed"] = list(stepper.failed)
             trace.details["cascade"] = {
-                "draft": names[draft_index],
+                "draft": names[-1],
                 "steps": stepper.steps,
                 "share": shares,
             }

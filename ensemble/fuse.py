@@ -75,7 +75,7 @@ class FusionStrategy:
                 try:
                     primary = await stepper.view(0, self.candidates, full=full)
                 except ExpertFailed as exc:
-                    await _drop(stepper, [0], exc)
+                    await stepper.drop([0], exc)
                     continue
                 top = max(primary.candidates, key=lambda c: c.logprob)
                 gated = len(stepper.sessions) == 1 or (
@@ -137,7 +137,7 @@ class FusionStrategy:
                 raise result
         errors = {i: r for i, r in enumerate(results, start=1) if isinstance(r, BaseException)}
         if errors:
-            await _drop(stepper, list(errors), next(iter(errors.values())))
+            await stepper.drop(list(errors), next(iter(errors.values())))
         return [r for r in results if not isinstance(r, BaseException)]
 
     def _fuse(
@@ -193,11 +193,3 @@ class FusionStrategy:
         token = chosen.token_ids[0]
         credit = [w * math.exp(d[token]) for w, d in zip(weights, dists, strict=True)]
         return chosen, weights, names[int(np.argmax(credit))]
-
-
-async def _drop(stepper: Stepper, indexes: list[int], error: BaseException) -> None:
-    """Leave out failed experts; when none is left, the request fails with `error`."""
-    for i in sorted(indexes, reverse=True):
-        await stepper.drop(i)
-    if not stepper.sessions:
-        raise error

@@ -101,14 +101,19 @@ class Stepper:
     def experts(self) -> list[str]:
         return [s.expert for s in self.sessions]
 
-    async def drop(self, i: int) -> None:
-        """Leave out session `i` after its expert failed; if it was the primary, the next one
-        takes over (it catches up on the chosen text like any session that sat out steps)."""
-        session = self.sessions.pop(i)
-        self._pending.pop(i)
-        self._dropped.append(session)
-        self.failed.append(session.expert)
-        await session.aclose()
+    async def drop(self, indexes: Sequence[int], error: BaseException) -> None:
+        """Leave out the sessions at `indexes`, whose experts failed with `error`. If the
+        primary goes, the next one takes over (it catches up on the chosen text like any
+        session that sat out steps). When no expert is left, the request fails with `error`."""
+        gone = [self.sessions[i] for i in sorted(indexes)]
+        for i in sorted(indexes, reverse=True):
+            del self.sessions[i], self._pending[i]
+        for session in gone:
+            self._dropped.append(session)
+            self.failed.append(session.expert)
+            await session.aclose()
+        if not self.sessions:
+            raise error
 
     async def view(self, i: int, k: int, *, full: bool = False) -> NextTokens:
         session = self.sessions[i]

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from ensemble.cascade import CascadeStrategy
 from ensemble.engine import Engine
 from ensemble.fuse import FusionStrategy
 from ensemble.strategy import SingleStrategy, Strategy
@@ -175,3 +176,16 @@ async def test_a_stalled_session_call_is_abandoned_promptly() -> None:
     with pytest.raises(ExpertTimeoutError):
         await run(FusionStrategy(), [stalls])
     assert asyncio.get_running_loop().time() - started < 2
+
+
+# -- cascade ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failing", ["strong", "draft"])
+async def test_cascade_carries_on_with_the_expert_left(failing: str) -> None:
+    strong = ScriptedSessionEngine("strong", "hello", fail_at=1 if failing == "strong" else None)
+    draft = ScriptedSessionEngine("draft", "hello", fail_at=2 if failing == "draft" else None)
+    # threshold 0: every step escalates to the strong expert while there is one
+    text, trace, _ = await run(CascadeStrategy(draft="draft", threshold=0.0), [strong, draft])
+    assert text == "hello"
+    assert trace.details["failed"] == [failing]
