@@ -108,7 +108,8 @@ class _SupervisedSession:
 
 async def _within(work: Awaitable[T], seconds: float, expert: str, what: str) -> T:
     try:
-        return await asyncio.wait_for(work, seconds)
+        async with asyncio.timeout(seconds):  # unlike wait_for, no task per call (per token)
+            return await work
     except TimeoutError:
         raise ExpertTimeoutError(
             f"expert {expert} timed out: no {what} within {seconds:g}s"
