@@ -420,8 +420,9 @@ def _cross_check(config: Config, base_dir: Path) -> list[tuple[str, str]]:
                     problems.append(
                         (
                             f"pools.{pool_name}.experts[{i}]",
-                            f"`{strategy.type}` needs decode sessions, which the "
-                            f"`{member_config.engine}` engine does not offer yet",
+                            "`dynamic` weighting needs whole next-token distributions, which "
+                            f"the `{member_config.engine}` engine's decode sessions do not give "
+                            "(only the top logprobs)",
                         )
                     )
         if isinstance(strategy, FuseStrategyConfig):

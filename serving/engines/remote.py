@@ -14,10 +14,11 @@ import json
 import logging
 import os
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from ensemble.engine import DecodeSession
 from ensemble.types import (
     FinishReason,
     GenerationChunk,
@@ -28,11 +29,20 @@ from ensemble.types import (
 from serving.config import OpenAIExpertConfig
 from serving.errors import ExpertError, InvalidRequestError, ServiceUnavailableError
 
+if TYPE_CHECKING:
+    from serving.engines.remote_session import TokenTexts
+
 logger = logging.getLogger(__name__)
 
 
 class _Retryable(Exception):
     pass
+
+
+# httpx's defaults keep only 20 idle connections (and allow 100 at once): past 20 concurrent
+# requests, connections were closed and reopened on every request. The gateway's own
+# `max_concurrent_requests` bounds how many are open at once.
+_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256)
 
 
 class RemoteOpenAIEngine:
@@ -49,6 +59,7 @@ class RemoteOpenAIEngine:
         self._client: httpx.AsyncClient | None = None
         self._healthy = False
         self._probe: asyncio.Task[None] | None = None
+        self._token_texts: TokenTexts | None = None  # what sessions learnt of the tokenizer
 
     @property
     def ready(self) -> bool:
@@ -57,6 +68,28 @@ class RemoteOpenAIEngine:
     @property
     def context_window(self) -> int:
         return self.config.context_window
+
+    @property
+    def vocabulary(self) -> str:
+        """The served model on that server. No other expert shares it in practice, and none
+        may: `dynamic` weighting needs whole distributions, which a remote view does not give."""
+        return f"openai:{self.config.model}@{self.config.base_url.rstrip('/')}"
+
+    @property
+    def default_stop(self) -> tuple[str, ...]:
+        return self.config.stop
+
+    async def open_session(self, request: GenerationRequest) -> DecodeSession:
+        """A decode session through `/v1/completions` (serving/engines/remote_session.py)."""
+        from serving.engines.remote_session import TokenTexts, open_remote_session
+
+        if self._client is None:
+            raise ServiceUnavailableError(f"expert {self.name} is not started")
+        if self._token_texts is None or self._token_texts.client is not self._client:
+            self._token_texts = TokenTexts(self._client, self.config, self.name)
+        return await open_remote_session(
+            self.name, self.config, self._client, self._token_texts, request
+        )
 
     def _headers(self) -> dict[str, str]:
         env = self.config.api_key_env
@@ -70,6 +103,7 @@ class RemoteOpenAIEngine:
             timeout=timeout,
             transport=self._transport,
             headers=self._headers(),
+            limits=_LIMITS,
         )
         await self.check_health()
         self._probe = asyncio.create_task(self._probe_forever())
@@ -146,6 +180,8 @@ class RemoteOpenAIEngine:
                 return
             except (httpx.ConnectError, httpx.ConnectTimeout, _Retryable) as exc:
                 if received or attempt == self.config.retries:
+                    if not isinstance(exc, _Retryable):
+                        self._healthy = False  # unreachable: skipped until the probe sees it
                     raise ExpertError(f"expert {self.name} failed: {exc}") from exc
                 delay = self.config.backoff_s * 2**attempt
                 logger.warning("expert %s: %s; retrying in %.2fs", self.name, exc, delay)
@@ -168,12 +204,17 @@ def _client_error(name: str, response: httpx.Response) -> Exception:
 
 async def _chunks(name: str, response: httpx.Response) -> AsyncGenerator[GenerationChunk, None]:
     """OpenAI SSE chunks as `GenerationChunk`s; usage arrives as one accounting chunk."""
+    done = False
     async for line in response.aiter_lines():
-        if not line.startswith("data:"):
+        if done or not line.startswith("data:"):
             continue  # blank separators and keep-alive comments
         data = line[5:].strip()
         if data == "[DONE]":
-            return
+            # Read on to the end of the body (it follows at once): a response left unfinished
+            # closes its connection instead of returning it to the pool, and a new connection
+            # per request costs both servers CPU and a handshake (loadtest/gateway_overhead.py).
+            done = True
+            continue
         event = json.loads(data)
         if "error" in event:
             raise ExpertError(f"expert {name} failed mid-answer: {event['error'].get('message')}")

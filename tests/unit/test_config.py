@@ -90,17 +90,25 @@ def test_missing_config_file_is_refused(tmp_path: Path) -> None:
     assert "cannot read the file" in done.stderr
 
 
-def test_remote_experts_cannot_join_token_level_pools_yet(tmp_path: Path) -> None:
-    path = write(
-        tmp_path,
+def test_remote_experts_join_token_level_pools_but_not_dynamic_weighting(tmp_path: Path) -> None:
+    experts = (
         "experts:\n"
         "  local: {model: bundled:smollm2-135m-instruct}\n"
         "  far: {engine: openai, base_url: 'http://127.0.0.1:9/v1', model: m}\n"
-        "pools:\n"
-        "  f: {experts: [local, far], strategy: fuse}\n"
-        "  r: {experts: [local, far]}\n",
+    )
+    fine = write(
+        tmp_path,
+        experts + "pools:\n"
+        "  f: {experts: [local, far], strategy: {type: fuse, weighting: core}}\n"
+        "  c: {experts: [local, far], strategy: {type: cascade, draft: far}}\n",
+    )
+    load_config(fine)
+    path = write(
+        tmp_path,
+        experts + "pools:\n  d: {experts: [local, far], strategy: {type: fuse, "
+        "weighting: dynamic}}\n  r: {experts: [local, far]}\n",
     )
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert "pools.f.experts[1]: `fuse` needs decode sessions" in str(info.value)
+    assert "pools.d.experts[1]: `dynamic` weighting needs whole next-token" in str(info.value)
     assert "pools.r" not in str(info.value)

@@ -1,0 +1,448 @@
+"""Decode sessions through an OpenAI-compatible server: fusion with a `vllm serve` expert.
+
+The server owns the chat template, so a session asks it for the prompt once: `POST /tokenize`
+with the messages and `add_generation_prompt` (vLLM's tokenizer endpoints sit beside `/v1`, at
+the server root) gives the very token ids `/v1/chat/completions` would feed the model. From then
+on the session holds token ids: the prompt's, then the answer's, and every view of the next step
+is `POST /v1/completions` with those ids as the prompt, `temperature: 0`, `logprobs: L` and
+`return_tokens_as_token_ids` (so two tokens with the same text stay two, and each comes back with
+its id). The server's prefix cache makes the repeated prompt cheap; each step still costs one
+HTTP round trip and one scheduled request.
+
+Drafting: a view asks for up to `max_lookahead` greedy tokens at once, with the top-L logprobs at
+every position. While the answer follows this expert's own greedy tokens (its proposal was
+chosen, or a gated step took it), the next views are read off that draft with no request; when
+the answer leaves the draft, the rest is dropped. The draft length adapts: it doubles after a
+draft was used to its end and falls back to 1 after one that was left early, so an expert that
+keeps being overruled costs one decode step per view, not `max_lookahead`.
+
+What a remote view cannot give, and what stands in for it:
+
+- The whole next-token distribution. `top_k(full=True)` returns `distribution=None`, and the
+  config refuses `dynamic` weighting (whole distributions over a shared vocabulary) for pools
+  with an `openai` expert.
+- The entropy of that distribution (what cascades read). It is estimated from the top-L
+  logprobs (L = `logprobs` asked, 20 at most, vLLM's default `--max-logprobs`): with kept
+  probabilities p_1 >= ... >= p_L and leftover mass r = 1 - sum(p),
+  H ~= -sum(p_i log p_i) - r log min(p_L, r). Every token outside the top L has probability at
+  most p_L, and at most r, so its share -q log q is at least -q log min(p_L, r): the estimate
+  is a lower bound on the true entropy (the leftover spread over tokens as likely as the least
+  likely kept one, or lumped into one outcome, whichever says more), exact when r = 0.
+- Which tokens end the sequence. A token's text is the server's `/detokenize` of it alone
+  (cached per engine). A token whose text looks like a special token (`<...>`) is asked about
+  once, by forcing it (`allowed_token_ids`, one token): the server ends with `finish_reason:
+  stop` and no text on an end-of-sequence token (the tokenizer's or the generation config's), and
+  returns no text for another special token, which is then dropped, as the transformers session
+  drops special tokens. A greedy step that the server itself ends the same way marks its token as
+  end-of-sequence too.
+
+Text chosen by another expert (`extend`) is appended as text and tokenized by the server
+(`POST /tokenize`) just before the next view, together with up to 8 tokens before it (a merge
+across the join, " Par" + "is", re-tokenizes as the transformers session does). A candidate that
+is only part of a UTF-8 character is completed greedily when it is the top one (one request for
+up to 4 tokens), else dropped.
+
+Connection errors and 5xx answers are retried with the engine's backoff (every request here is
+idempotent); 4xx answers are errors at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+
+from ensemble.types import Candidate, GenerationRequest, NextTokens
+from serving.config import OpenAIExpertConfig
+from serving.engines.remote import _client_error, _Retryable
+from serving.errors import ContextLengthError, ExpertError
+
+logger = logging.getLogger(__name__)
+
+TAIL_TOKENS = 8  # tokens before chosen text that are re-tokenized with it (as in session.py)
+MAX_BYTE_LOOKAHEAD = 4  # tokens followed to complete a partial UTF-8 character
+MAX_LOGPROBS = 20  # vLLM's default `--max-logprobs`
+EXTRA_LOGPROBS = 8  # asked beyond k: special and partial-character tokens are dropped
+MAX_LOOKAHEAD = 8  # most greedy tokens drafted in one request
+REPLACEMENT = "\ufffd"
+SEPARATOR = "\u241e"  # ␞, between tokens detokenized together
+
+TokenKind = Literal["text", "end", "special"]
+
+
+def server_root(base_url: str) -> str:
+    """vLLM serves /tokenize and /detokenize at the root, beside `/v1`."""
+    base = base_url.rstrip("/")
+    return base[: -len("/v1")] if base.endswith("/v1") else base
+
+
+async def post_json(
+    client: httpx.AsyncClient, config: OpenAIExpertConfig, name: str, url: str, body: dict[str, Any]
+) -> Any:
+    """POST with the engine's retry policy: connection errors and 5xx, with backoff."""
+    for attempt in range(config.retries + 1):
+        try:
+            response = await client.post(url, json=body)
+            if response.status_code >= 500:
+                raise _Retryable(f"HTTP {response.status_code}")
+            if response.status_code >= 400:
+                raise _client_error(name, response)
+            return response.json()
+        except (httpx.ConnectError, httpx.ConnectTimeout, _Retryable) as exc:
+            if attempt == config.retries:
+                raise ExpertError(f"expert {name} failed: {exc}") from exc
+            await asyncio.sleep(config.backoff_s * 2**attempt)
+        except httpx.HTTPError as exc:
+            raise ExpertError(f"expert {name} failed: {exc!r}") from exc
+    raise AssertionError("unreachable")
+
+
+class TokenTexts:
+    """What the engine has learnt about the server's tokens: each one's text and kind.
+
+    Shared by all sessions of one engine (one tokenizer); concurrent asks for one token share
+    one request."""
+
+    def __init__(self, client: httpx.AsyncClient, config: OpenAIExpertConfig, name: str) -> None:
+        self.client = client
+        self.config = config
+        self.name = name
+        self.root = server_root(config.base_url)
+        self.texts: dict[int, str] = {}
+        self.kinds: dict[int, TokenKind] = {}
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._separator: list[int] | None = None
+        self.requests = 0  # tokenizer and probe requests made (for the benchmark)
+
+    async def learn(self, ids: Sequence[int]) -> None:
+        """Learn the text and kind of every token not known yet (one `/detokenize` for all)."""
+        waiting = {self._pending[i] for i in ids if i in self._pending}
+        missing = [i for i in dict.fromkeys(ids) if i not in self.kinds and i not in self._pending]
+        if missing:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            for token in missing:
+                self._pending[token] = future
+            try:
+                texts = await self._detokenize_each(missing)
+                kinds = await asyncio.gather(*(self._kind(t, x) for t, x in texts.items()))
+                for (token, text), kind in zip(texts.items(), kinds, strict=True):
+                    self.texts[token] = text
+                    self.kinds[token] = kind
+                future.set_result(None)
+            except BaseException as exc:
+                future.set_exception(exc)
+                future.exception()  # retrieved: a failure with no other waiter is not logged
+                raise
+            finally:
+                for token in missing:
+                    del self._pending[token]
+        for other in waiting:
+            await asyncio.shield(other)
+
+    async def _detokenize_each(self, ids: list[int]) -> dict[int, str]:
+        """Each token's text as if decoded alone, in one request: the tokens joined by a
+        separator and the answer split on it. A tokenizer that does not give the separator back
+        cleanly (a token holding it, a prefix space) falls back to one request per token."""
+        if self._separator is None:
+            self._separator = await self.tokenize(SEPARATOR)
+        sep = self._separator
+        joined: list[int] = list(sep)
+        for token in ids:
+            joined += [token, *sep]
+        parts = (await self.detokenize(joined)).split(SEPARATOR)
+        if len(parts) == len(ids) + 2 and parts[0] == parts[-1] == "":
+            return dict(zip(ids, parts[1:-1], strict=True))
+        texts = await asyncio.gather(*(self.detokenize([t]) for t in ids))
+        return dict(zip(ids, texts, strict=True))
+
+    async def _kind(self, token: int, text: str) -> TokenKind:
+        if text.startswith("<") and text.endswith(">") and len(text) > 2:
+            return await self._probe(token)
+        return "text"
+
+    async def _probe(self, token: int) -> TokenKind:
+        """Force the token as the only allowed one: an end-of-sequence token stops the answer
+        with no text; any other special token gives no text either."""
+        body = {
+            "model": self.config.model,
+            "prompt": [token],
+            "max_tokens": 1,
+            "temperature": 0,
+            "allowed_token_ids": [token],
+        }
+        self.requests += 1
+        out = await post_json(self.client, self.config, self.name, "/completions", body)
+        choice = out["choices"][0]
+        if choice.get("text"):
+            return "text"
+        stopped = choice.get("finish_reason") == "stop" and choice.get("stop_reason") in (
+            None,
+            token,
+        )
+        return "end" if stopped else "special"
+
+    def mark_end(self, token: int) -> None:
+        self.kinds[token] = "end"
+
+    async def detokenize(self, ids: Sequence[int]) -> str:
+        self.requests += 1
+        body = {"model": self.config.model, "tokens": list(ids)}
+        out = await post_json(self.client, self.config, self.name, f"{self.root}/detokenize", body)
+        return str(out["prompt"])
+
+    async def tokenize(self, text: str) -> list[int]:
+        self.requests += 1
+        body = {"model": self.config.model, "prompt": text, "add_special_tokens": False}
+        out = await post_json(self.client, self.config, self.name, f"{self.root}/tokenize", body)
+        return [int(t) for t in out["tokens"]]
+
+
+@dataclass(slots=True)
+class _Draft:
+    base: tuple[int, ...]  # the ids the draft continues
+    tokens: list[int]  # the greedy tokens the server chose
+    views: list[list[tuple[int, float]]]  # top logprobs before each of them, best first
+
+
+@dataclass(slots=True)
+class _Segment:
+    text: str
+    ids: list[int] | None  # None: chosen text not yet tokenized
+
+
+async def open_remote_session(
+    name: str,
+    config: OpenAIExpertConfig,
+    client: httpx.AsyncClient,
+    texts: TokenTexts,
+    request: GenerationRequest,
+    *,
+    max_lookahead: int = MAX_LOOKAHEAD,
+) -> RemoteSession:
+    body = {
+        "model": config.model,
+        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        "add_generation_prompt": True,
+    }
+    out = await post_json(client, config, name, f"{texts.root}/tokenize", body)
+    prompt_ids = [int(t) for t in out["tokens"]]
+    window = int(out.get("max_model_len") or config.context_window)
+    max_tokens = request.params.max_tokens
+    room = window - len(prompt_ids)
+    if room <= 0 or (max_tokens is not None and max_tokens > room):
+        asked = max_tokens or 1
+        raise ContextLengthError(
+            f"This model's maximum context length is {window} tokens. "
+            f"However, you requested {len(prompt_ids) + asked} tokens "
+            f"({len(prompt_ids)} in the messages, {asked} in the completion).",
+            param="messages",
+        )
+    limit = len(prompt_ids) + (max_tokens or room)
+    return RemoteSession(name, config, client, texts, prompt_ids, limit, max_lookahead)
+
+
+class RemoteSession:
+    """One answer decoded step by step through `/v1/completions` (see the module docstring)."""
+
+    def __init__(
+        self,
+        expert: str,
+        config: OpenAIExpertConfig,
+        client: httpx.AsyncClient,
+        texts: TokenTexts,
+        prompt_ids: list[int],
+        limit: int,
+        max_lookahead: int = MAX_LOOKAHEAD,
+    ) -> None:
+        self.expert = expert
+        self.prompt_tokens = len(prompt_ids)
+        self.config = config
+        self.client = client
+        self.texts = texts
+        self.prompt_ids = prompt_ids
+        self.limit = limit  # prompt + the answer's most tokens: no draft runs past it
+        self.max_lookahead = max(1, max_lookahead)
+        self.segments: list[_Segment] = []
+        self.lookahead = 1
+        self.draft: _Draft | None = None
+        self.completions = 0  # /v1/completions requests (for the benchmark)
+        self.closed = False
+
+    # -- text in -----------------------------------------------------------------------------
+
+    async def extend(self, text: str) -> None:
+        if text:
+            self.segments.append(_Segment(text, None))
+
+    async def extend_ids(self, ids: tuple[int, ...], text: str) -> None:
+        self.segments.append(_Segment(text, list(ids)))
+
+    async def _ids(self) -> list[int]:
+        """Prompt and answer as token ids; chosen text is tokenized here, with a few tokens
+        before it so that a merge across the join comes out as the tokenizer would write it."""
+        first = next((i for i, s in enumerate(self.segments) if s.ids is None), None)
+        if first is not None:
+            start, before = first, 0
+            while start > 0 and before < TAIL_TOKENS:
+                start -= 1
+                before += len(self.segments[start].ids or ())
+            text = "".join(s.text for s in self.segments[start:])
+            tokens = await self.texts.tokenize(text)
+            tail = [_Segment(text, tokens)]
+            if len(tokens) > 2 * TAIL_TOKENS:  # freeze the head: the next join reads the tail
+                head = await self.texts.detokenize(tokens[:-TAIL_TOKENS])
+                if head and REPLACEMENT not in head and text.startswith(head):
+                    tail = [
+                        _Segment(head, tokens[:-TAIL_TOKENS]),
+                        _Segment(text[len(head) :], tokens[-TAIL_TOKENS:]),
+                    ]
+            self.segments[start:] = tail
+        ids = list(self.prompt_ids)
+        for segment in self.segments:
+            ids += segment.ids or ()
+        return ids
+
+    # -- candidates out ----------------------------------------------------------------------
+
+    async def top_k(self, k: int, *, full: bool = False) -> NextTokens:  # noqa: ARG002
+        """The `k` most likely next pieces of text, renormalised over those kept; as the
+        transformers session, with the entropy estimated from the top logprobs and no whole
+        distribution (`full` cannot be honoured remotely)."""
+        if self.closed:
+            raise ExpertError(f"expert {self.expert}: the decode session is closed")
+        ids = await self._ids()
+        ranked = await self._view(ids, k)
+        await self.texts.learn([t for t, _ in ranked])
+        mass: dict[str, float] = {}
+        paths: dict[str, tuple[int, ...]] = {}
+        for rank, (token, lp) in enumerate(ranked):
+            if len(mass) >= k:
+                break
+            kind = self.texts.kinds[token]
+            path: tuple[int, ...] = (token,)
+            if kind == "end":
+                text = ""
+            elif kind == "special":
+                continue
+            else:
+                text = self.texts.texts[token]
+                if REPLACEMENT in text or not text:
+                    completed = await self._complete(ids, token, lp) if rank == 0 else None
+                    if completed is None:
+                        continue
+                    text, path, lp = completed
+            mass[text] = mass.get(text, 0.0) + math.exp(lp)
+            paths.setdefault(text, path)
+        total = sum(mass.values()) or 1.0
+        candidates = tuple(
+            Candidate(text, math.log(m / total), paths[text], end=text == "")
+            for text, m in sorted(mass.items(), key=lambda item: -item[1])
+        )
+        return NextTokens(candidates, estimated_entropy([lp for _, lp in ranked]))
+
+    async def _view(self, ids: list[int], k: int) -> list[tuple[int, float]]:
+        """The top logprobs for the token after `ids`: from the draft when the answer has
+        followed it, else from a new request (drafting ahead)."""
+        draft = self.draft
+        if draft is not None:
+            n = len(draft.base)
+            on_base = tuple(ids[:n]) == draft.base
+            j = len(ids) - n
+            if on_base and 0 <= j < len(draft.views) and ids[n:] == draft.tokens[:j]:
+                return draft.views[j]
+            # Past the draft's end on its own tokens: draft further next time; else start over.
+            followed = on_base and ids[n : n + len(draft.tokens)] == draft.tokens
+            self.lookahead = min(self.lookahead * 2, self.max_lookahead) if followed else 1
+        room = max(1, self.limit - len(ids))
+        self.draft = await self._request(ids, min(self.lookahead, room), k)
+        return self.draft.views[0]
+
+    async def _request(self, ids: list[int], tokens: int, k: int) -> _Draft:
+        body = {
+            "model": self.config.model,
+            "prompt": ids,
+            "max_tokens": tokens,
+            "temperature": 0,
+            "logprobs": min(k + EXTRA_LOGPROBS, MAX_LOGPROBS),
+            "return_tokens_as_token_ids": True,
+        }
+        self.completions += 1
+        out = await post_json(self.client, self.config, self.expert, "/completions", body)
+        choice = out["choices"][0]
+        logprobs = choice.get("logprobs") or {}
+        chosen = [_token_id(t) for t in logprobs.get("tokens") or []]
+        views = [
+            sorted(((_token_id(t), float(lp)) for t, lp in (top or {}).items()), key=_by_logprob)
+            for top in logprobs.get("top_logprobs") or []
+        ]
+        if not views or len(views) != len(chosen):
+            raise ExpertError(f"expert {self.expert}: the server returned no logprobs")
+        if choice.get("finish_reason") == "stop" and choice.get("stop_reason") in (
+            None,
+            chosen[-1],
+        ):
+            self.texts.mark_end(chosen[-1])  # the server ended the answer on this token
+        return _Draft(tuple(ids), chosen, views)
+
+    async def _complete(
+        self, ids: list[int], token: int, lp: float
+    ) -> tuple[str, tuple[int, ...], float] | None:
+        """Follow the server greedily from a partial-character token until the bytes decode."""
+        body = {
+            "model": self.config.model,
+            "prompt": [*ids, token],
+            "max_tokens": MAX_BYTE_LOOKAHEAD - 1,
+            "temperature": 0,
+            "logprobs": 0,
+            "return_tokens_as_token_ids": True,
+        }
+        self.completions += 1
+        out = await post_json(self.client, self.config, self.expert, "/completions", body)
+        logprobs = out["choices"][0].get("logprobs") or {}
+        following = [_token_id(t) for t in logprobs.get("tokens") or []]
+        following_lps = [float(x) for x in logprobs.get("token_logprobs") or []]
+        path, total = [token], lp
+        for nxt, nxt_lp in zip([None, *following], [0.0, *following_lps], strict=False):
+            if nxt is not None:
+                path.append(nxt)
+                total += nxt_lp
+            text = await self.texts.detokenize(path)
+            if text and REPLACEMENT not in text:
+                return text, tuple(path), total
+        return None
+
+    async def aclose(self) -> None:
+        """Nothing is held on the server between requests: closing drops the local state."""
+        self.closed = True
+        self.draft = None
+        self.segments = []
+
+
+def _token_id(token: str) -> int:
+    """`token_id:123` (vLLM's `return_tokens_as_token_ids` form) -> 123."""
+    with contextlib.suppress(ValueError):
+        return int(token.rsplit(":", 1)[-1])
+    raise ExpertError(f"the server did not return token ids: {token[:40]!r}")
+
+
+def _by_logprob(item: tuple[int, float]) -> tuple[float, int]:
+    return -item[1], item[0]
+
+
+def estimated_entropy(logprobs: Sequence[float]) -> float:
+    """Entropy of a next-token distribution known only by its top logprobs: the kept part
+    exactly, the leftover mass r as tokens of probability min(least kept, r) (a lower bound;
+    see the module docstring)."""
+    probs = [math.exp(lp) for lp in logprobs if lp > -9999.0]
+    if not probs:
+        return 0.0
+    kept = -sum(p * math.log(p) for p in probs if p > 0)
+    rest = max(0.0, 1.0 - sum(probs))
+    bound = min(min(probs), rest)
+    return kept + (rest * -math.log(bound) if bound > 0 else 0.0)
