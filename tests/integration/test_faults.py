@@ -47,12 +47,24 @@ async def _chat(request: Request) -> StreamingResponse:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+async def _tokenize(_: Request) -> JSONResponse:
+    return JSONResponse({"tokens": [1, 2, 3], "count": 3, "max_model_len": 2048})
+
+
+async def _completions(_: Request) -> JSONResponse:
+    """Decode-session steps: never answered."""
+    await asyncio.sleep(3600)
+    return JSONResponse({})
+
+
 @pytest.fixture(scope="module")
 def staller() -> Iterator[str]:
     app = Starlette(
         routes=[
             Route("/v1/models", _models),
             Route("/v1/chat/completions", _chat, methods=["POST"]),
+            Route("/tokenize", _tokenize, methods=["POST"]),
+            Route("/v1/completions", _completions, methods=["POST"]),
         ]
     )
     port = free_port()
@@ -85,6 +97,7 @@ def gateway(staller: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "  vote:\n"
         "    experts: [staller, smollm2-135m-instruct]\n"
         "    strategy: {type: vote, samples: 3, keepalive_s: 0.5}\n"
+        "  fuse: {experts: [smollm2-135m-instruct, staller], strategy: fuse}\n"
     )
     srv = ServerProcess(path)
     try:
@@ -162,6 +175,20 @@ def test_a_vote_carries_on_without_an_expert_that_stalls(gateway: ServerProcess)
     assert chorus["experts"] == ["smollm2-135m-instruct"]
     assert reply.choices[0].message.content
     assert httpx.get(f"{gateway.url}/health").status_code == 200
+
+
+def test_fusion_carries_on_without_an_expert_that_stalls(gateway: ServerProcess) -> None:
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+    alone = client.chat.completions.create(
+        model="smollm2-135m-instruct", messages=question, max_tokens=12, temperature=0
+    )
+    fused = client.chat.completions.create(
+        model="fuse", messages=question, max_tokens=12, temperature=0
+    )
+    assert fused.model_extra["chorus"]["failed"] == ["staller"]
+    # the staller never gave a view, so the answer is the other expert's own greedy one
+    assert fused.choices[0].message.content == alone.choices[0].message.content
 
 
 # -- clients leaving --------------------------------------------------------------------------
