@@ -1,9 +1,20 @@
 """In-process Hugging Face transformers engine: the small CPU default.
 
-All model and tokenizer work runs on one worker thread per engine, one decode step per job, so the
-event loop never blocks and concurrent requests interleave step by step instead of queueing whole
-generations behind each other. A request's `n` samples decode together as one batch that shares
-the prompt's prefill; finished samples are dropped from the batch.
+All model and tokenizer work runs on one worker thread per engine, so the event loop never
+blocks. Concurrent requests are batched (continuous batching): a scheduler on the worker keeps
+one left-padded KV cache (`serving.engines.batch.PaddedBatch`) over the rows of every running
+request, and each of its ticks runs ONE decode forward over all of them. Requests that arrive
+meanwhile are prefilled together (one more forward in that tick) and merged into the running
+batch. A request's `n` samples are `n` rows that share its prefill. Each request samples its own
+rows with its own temperature, top-p, seeded generator and logprobs, so its output does not
+depend on what shares the batch. Finished rows, and the rows of a closed stream (a client that
+left), are dropped before the next forward. Chunks reach each request's async generator through
+an asyncio queue (`loop.call_soon_threadsafe`). Decode sessions (token-level fusion) stay outside
+the batch: their calls are separate jobs on the same worker, between the scheduler's ticks.
+
+transformers' own continuous batching (`generate_batch`, `ContinuousBatchingManager`) was not
+used: its sampling settings are one generation config for the whole manager (no per-request
+temperature, top-p or seed) and it reports only the chosen token's logprob, not the top ones.
 """
 
 from __future__ import annotations
@@ -11,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -36,6 +49,7 @@ from ensemble.types import (
 )
 from serving import bundled
 from serving.config import TransformersExpertConfig
+from serving.engines.batch import PaddedBatch
 from serving.engines.sampling import logprobs_of, sample
 from serving.engines.session import TransformersSession
 from serving.engines.text import SampleText
@@ -70,6 +84,7 @@ class TransformersEngine:
         self._eos_ids: frozenset[int] = frozenset()
         self._context_window = 0
         self._vocabulary = ""
+        self._scheduler = _Scheduler(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -95,6 +110,7 @@ class TransformersEngine:
 
     async def aclose(self) -> None:
         self._model = None
+        self._scheduler.abort(ServiceUnavailableError(f"expert {self.name} was shut down"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _load(self) -> None:
@@ -134,15 +150,17 @@ class TransformersEngine:
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if not self.ready:
             raise ServiceUnavailableError(f"expert {self.name} is not loaded yet")
-        run = await self._run(self._begin, request)
+        stream = _Stream(asyncio.get_running_loop())
         try:
-            while not run.done:
-                for chunk in await self._run(run.step):
+            await self._run(self._begin, request, stream)
+            while (item := await stream.queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                for chunk in item:
                     yield chunk
         finally:
-            # On the worker thread, after any step still running: never free state under it.
-            with contextlib.suppress(RuntimeError):  # the engine was shut down meanwhile
-                self._executor.submit(run.release)
+            # The scheduler drops the request's rows before its next step.
+            stream.cancelled = True
 
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
@@ -181,13 +199,13 @@ class TransformersEngine:
             )
         return room
 
-    def _begin(self, request: GenerationRequest) -> _Run:
+    def _begin(self, request: GenerationRequest, stream: _Stream) -> None:
         prompt_ids = self.encode_prompt(request)
         params = request.params
         room = self._check_room(len(prompt_ids), params.max_tokens)
         defaults = self.config.defaults
         max_tokens = params.max_tokens or min(defaults.max_tokens or room, room)
-        return _Run(self, request, prompt_ids, max_tokens)
+        self._scheduler.submit(_Run(self, request, prompt_ids, max_tokens, stream))
 
 
 class _AsyncSession:
@@ -213,8 +231,142 @@ class _AsyncSession:
             self._engine._executor.submit(self._session.close)
 
 
+class _Stream:
+    """The event-loop side of one request: what the worker hands over, and whether to stop.
+
+    The worker posts lists of chunks, then `None` at the end (or an exception instead).
+    `cancelled` is set on the event loop and read by the worker before each step.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[list[GenerationChunk] | BaseException | None] = asyncio.Queue()
+        self.cancelled = False
+
+    def post(self, item: list[GenerationChunk] | BaseException | None) -> None:
+        """Called on the worker thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+            self.cancelled = True
+
+
+class _Scheduler:
+    """Continuous batching on the engine's worker thread.
+
+    One `PaddedBatch` holds the rows of every running request (a request with `n` samples owns
+    `n` consecutive rows). Each tick is one job on the worker: drop the rows of cancelled
+    requests, run ONE decode forward over every live row, prefill the requests that arrived
+    meanwhile (together, in one forward) and merge them in, sample each request's rows with its
+    own settings, post each request's chunks to its stream, and drop finished rows. A tick
+    re-queues itself behind any other job (decode sessions, prompt encoding), so those run
+    between ticks.
+    """
+
+    # A tick admits waiting requests while the batch stays within these bounds (one request is
+    # always admitted into an empty batch, however large).
+    MAX_ROWS = 64
+    MAX_PADDED_TOKENS = 65536  # rows x padded length of the cache after admission
+
+    def __init__(self, engine: TransformersEngine) -> None:
+        self.engine = engine
+        self.batch = PaddedBatch()
+        self.owners: list[_Run] = []  # the request of each batch row
+        self.feed = torch.zeros(0, dtype=torch.long)  # each row's last token, to run next
+        self.pending: deque[_Run] = deque()
+        self.scheduled = False  # a tick is queued on the worker
+
+    def submit(self, run: _Run) -> None:
+        """Worker thread: queue a request for the next tick."""
+        self.pending.append(run)
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self.scheduled:
+            with contextlib.suppress(RuntimeError):  # the engine was shut down meanwhile
+                self.engine._executor.submit(self.tick)
+                self.scheduled = True
+
+    def abort(self, error: BaseException) -> None:
+        """End every request with `error` (the engine is shutting down)."""
+        for run in {*self.owners, *self.pending}:
+            run.stream.post(error)
+        self.owners, self.pending = [], deque()
+
+    def tick(self) -> None:
+        self.scheduled = False
+        try:
+            with torch.inference_mode():
+                self._tick()
+        except Exception as exc:
+            logger.exception("expert %s failed during decoding", self.engine.name)
+            self.abort(ExpertError(f"expert {self.engine.name} failed: {exc}"))
+            self.batch, self.feed = PaddedBatch(), torch.zeros(0, dtype=torch.long)
+        if self.owners or self.pending:
+            self._wake()
+
+    def _tick(self) -> None:
+        model = self.engine._model
+        if model is None:
+            return
+        self.pending = deque(run for run in self.pending if not run.stream.cancelled)
+        if any(run.stream.cancelled for run in self.owners):
+            self._keep([row for row, run in enumerate(self.owners) if not run.stream.cancelled])
+        parts: list[torch.Tensor] = []
+        if self.owners:
+            parts.append(self.batch.step(model, self.feed))
+        admitted = self._admissions()
+        if admitted:
+            new, logits = PaddedBatch.prefill(model, [run.prompt_ids for run in admitted])
+            rows = [i for i, run in enumerate(admitted) for _ in range(run.n)]
+            new.select(rows)
+            self.batch.extend(new)
+            self.owners += [run for run in admitted for _ in range(run.n)]
+            parts.append(logits[rows])
+        if not parts:
+            return
+        logits = torch.cat(parts)
+        chosen = torch.empty(len(self.owners), dtype=torch.long)
+        keep: list[int] = []
+        start = 0
+        for run, group in itertools.groupby(self.owners):
+            end = start + len(list(group))
+            tokens, alive = run.advance(logits[start:end])
+            chosen[start:end] = tokens
+            keep += [start + i for i, live in enumerate(alive) if live]
+            start = end
+        self.feed = chosen
+        self._keep(keep)
+
+    def _admissions(self) -> list[_Run]:
+        """Take the waiting requests that fit in the batch now, first come first served."""
+        admitted: list[_Run] = []
+        rows, length = self.batch.rows, self.batch.length
+        while self.pending:
+            run = self.pending[0]
+            rows_after, length_after = rows + run.n, max(length, len(run.prompt_ids))
+            fits = (
+                rows_after <= self.MAX_ROWS and rows_after * length_after <= self.MAX_PADDED_TOKENS
+            )
+            if not fits and (rows or admitted):
+                break
+            admitted.append(self.pending.popleft())
+            rows, length = rows_after, length_after
+        return admitted
+
+    def _keep(self, rows: list[int]) -> None:
+        if len(rows) == len(self.owners):
+            return
+        self.batch.select(rows)
+        self.owners = [self.owners[row] for row in rows]
+        self.feed = self.feed[rows] if len(self.feed) else self.feed
+
+
 class _Run:
-    """One request's decoding state; every method runs on the engine's worker thread."""
+    """One request's sampling state: its settings, generator and text per sample.
+
+    Every method runs on the engine's worker thread; its rows live in the scheduler's batch.
+    """
 
     def __init__(
         self,
@@ -222,12 +374,15 @@ class _Run:
         request: GenerationRequest,
         prompt_ids: list[int],
         max_tokens: int,
+        stream: _Stream,
     ) -> None:
         params = request.params
         defaults = engine.config.defaults
         self.engine = engine
-        self.model = engine._model
+        self.stream = stream
         self.tokenizer = engine._tokenizer
+        self.prompt_ids = prompt_ids
+        self.n = params.n
         self.max_tokens = max_tokens
         self.temperature = (
             params.temperature if params.temperature is not None else defaults.temperature
@@ -245,47 +400,19 @@ class _Run:
         self.counts = [0] * params.n  # tokens generated per sample
         self.unsent_tokens = [0] * params.n
         self.unsent_logprobs: list[list[TokenLogprob]] = [[] for _ in range(params.n)]
-        self.rows = list(range(params.n))  # sample index of each live batch row
-        self.cache: Any = None
-        self.feed: torch.Tensor | None = None  # tokens chosen last step, to run through the model
-        self.logits = self._prefill(prompt_ids, params.n)
-        self.done = False
+        self.live = list(range(params.n))  # sample index of each of this request's batch rows
 
-    @torch.inference_mode()
-    def _prefill(self, prompt_ids: list[int], n: int) -> torch.Tensor:
-        out = self.model(
-            input_ids=torch.tensor([prompt_ids], device=self.model.device),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self.cache = out.past_key_values
-        if n > 1:
-            self.cache.batch_repeat_interleave(n)
-        logits: torch.Tensor = out.logits[:, -1, :].expand(n, -1)
-        return logits
+    def advance(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
+        """Sample the next token of each live row from `logits` (rows, vocab); post the text.
 
-    @torch.inference_mode()
-    def step(self) -> list[GenerationChunk]:
-        try:
-            return self._step()
-        except Exception as exc:
-            self.done = True
-            logger.exception("expert %s failed during decoding", self.engine.name)
-            raise ExpertError(f"expert {self.engine.name} failed: {exc}") from exc
-
-    def _step(self) -> list[GenerationChunk]:
-        if self.feed is not None:
-            out = self.model(
-                input_ids=self.feed[:, None], past_key_values=self.cache, use_cache=True
-            )
-            self.logits = out.logits[:, -1, :]
-        chosen = sample(self.logits, self.temperature, self.top_p, self.generator)
+        Returns the chosen tokens and, per row, whether it goes on.
+        """
+        chosen = sample(logits, self.temperature, self.top_p, self.generator)
         if self.want_logprobs:
-            chosen_lp, top_ids, top_lp = logprobs_of(self.logits, chosen, self.top_logprobs)
-
+            chosen_lp, top_ids, top_lp = logprobs_of(logits, chosen, self.top_logprobs)
         chunks: list[GenerationChunk] = []
-        keep: list[int] = []
-        for row, index in enumerate(self.rows):
+        alive: list[bool] = []
+        for row, index in enumerate(self.live):
             token = int(chosen[row])
             self.counts[index] += 1
             self.unsent_tokens[index] += 1
@@ -298,18 +425,13 @@ class _Run:
                 text += self.samples[index].flush()
             if finish or text:
                 chunks.append(self._chunk(index, text, finish))
-            if finish is None:
-                keep.append(row)
-        if len(keep) < len(self.rows):
-            self.rows = [self.rows[r] for r in keep]
-            if keep:
-                self.cache.batch_select_indices(torch.tensor(keep))
-        if not self.rows:
-            self.done = True
-            self.feed = None
-        else:
-            self.feed = chosen[keep] if len(keep) < len(chosen) else chosen
-        return chunks
+            alive.append(finish is None)
+        self.live = [index for index, live in zip(self.live, alive, strict=True) if live]
+        if chunks:
+            self.stream.post(chunks)
+        if not self.live:
+            self.stream.post(None)
+        return chosen, alive
 
     def _advance(self, index: int, token: int) -> tuple[str, FinishReason | None]:
         """Feed one token to sample `index`: the text it releases, and why it finished if it did."""
@@ -351,10 +473,3 @@ class _Run:
     def _piece(self, token_id: int) -> str:
         text: str = self.tokenizer.decode([token_id])
         return text
-
-    def release(self) -> None:
-        """Drop the KV cache now rather than when the generator is collected."""
-        self.cache = None
-        self.logits = torch.empty(0)
-        self.feed = None
-        self.done = True
