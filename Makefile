@@ -68,8 +68,28 @@ fmt: $(VENV)/.installed
 	$(BIN)/ruff format router ensemble serving tests loadtest
 	$(BIN)/ruff check --fix router ensemble serving tests loadtest
 
+# Load test (loadtest/load.py): the standard scenario (routed `auto` and the expert it routes to,
+# interleaved, half streamed) against a freshly started server, appended to loadtest/RESULTS.md.
+BENCH_CONCURRENCY ?= 8,32
+BENCH_REQUESTS ?= 64
+BENCH_MAX_TOKENS ?= 16
+BENCH_ARGS ?=
 bench: install
+	$(BIN)/python loadtest/load.py --config $(CONFIG) --scenario standard \
+		--concurrency $(BENCH_CONCURRENCY) --requests $(BENCH_REQUESTS) \
+		--max-tokens $(BENCH_MAX_TOKENS) --temperature 0 --append-results --plot $(BENCH_ARGS)
+
+# Greedy single-stream tokens/s of each expert (`chorus bench`).
+bench-experts: install
 	$(BIN)/chorus bench --config $(CONFIG)
+
+# Soak: mixed load over every pool for SOAK_SECONDS; exits 1 on RSS growth over 10% or any error.
+SOAK_SECONDS ?= 600
+SOAK_CONCURRENCY ?= 4
+soak: install
+	$(BIN)/python loadtest/load.py --config $(CONFIG) --soak --scenario pools-mixed \
+		--duration $(SOAK_SECONDS) --concurrency $(SOAK_CONCURRENCY) --append-results --plot \
+		$(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Load and benchmark scripts (run as files; `load.py` is also imported by tests)."""

