@@ -7,6 +7,7 @@ request that is closed early must leave the batch at once.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -148,4 +149,7 @@ def test_a_closed_stream_leaves_the_batch_while_the_others_finish(
     assert rows_before == 5  # three requests and the two samples of the one that left
     assert others_running
     assert shared == alone
+    deadline = time.monotonic() + 5  # the last rows leave just after their final chunk is posted
+    while scheduler.batch.rows and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert scheduler.batch.rows == 0 and not scheduler.owners

@@ -7,6 +7,7 @@ event loop it started on, so every test runs on that one loop.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
@@ -73,11 +74,15 @@ def vllm(served: ServerProcess) -> Iterator[Harness]:
 
 
 def engine_processes() -> list[psutil.Process]:
+    """vLLM processes under this one, in its process group (a `vllm serve` that other tests
+    started runs in a group of its own)."""
     out = []
     for child in psutil.Process().children(recursive=True):
         try:
             name = " ".join([child.name(), *child.cmdline()])
-        except psutil.Error:
+            if os.getpgid(child.pid) != os.getpgid(0):
+                continue
+        except (psutil.Error, ProcessLookupError):
             continue
         if ("VLLM" in name or "EngineCore" in name) and _running(child):
             out.append(child)
