@@ -60,8 +60,9 @@ import httpx
 
 from ensemble.types import Candidate, GenerationRequest, NextTokens
 from serving.config import OpenAIExpertConfig
+from serving.engines.prompts import check_room
 from serving.engines.remote import _client_error, _Retryable
-from serving.errors import ContextLengthError, ExpertError
+from serving.errors import ExpertError
 
 logger = logging.getLogger(__name__)
 
@@ -234,15 +235,7 @@ async def open_remote_session(
     prompt_ids = [int(t) for t in out["tokens"]]
     window = int(out.get("max_model_len") or config.context_window)
     max_tokens = request.params.max_tokens
-    room = window - len(prompt_ids)
-    if room <= 0 or (max_tokens is not None and max_tokens > room):
-        asked = max_tokens or 1
-        raise ContextLengthError(
-            f"This model's maximum context length is {window} tokens. "
-            f"However, you requested {len(prompt_ids) + asked} tokens "
-            f"({len(prompt_ids)} in the messages, {asked} in the completion).",
-            param="messages",
-        )
+    room = check_room(window, len(prompt_ids), max_tokens)
     limit = len(prompt_ids) + (max_tokens or room)
     return RemoteSession(name, config, client, texts, prompt_ids, limit, max_lookahead)
 

@@ -50,10 +50,11 @@ from ensemble.types import (
 from serving import bundled
 from serving.config import TransformersExpertConfig
 from serving.engines.batch import PaddedBatch
+from serving.engines.prompts import chat_prompt_ids, check_room
 from serving.engines.sampling import logprobs_of, sample
 from serving.engines.session import TransformersSession
 from serving.engines.text import SampleText
-from serving.errors import ContextLengthError, ExpertError, ServiceUnavailableError
+from serving.errors import ExpertError, ServiceUnavailableError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -163,16 +164,7 @@ class TransformersEngine:
             stream.cancelled = True
 
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        text = self._tokenizer.apply_chat_template(
-            messages,
-            chat_template=self._chat_template,
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        # The template already wrote any BOS/special tokens it wants.
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
-        return ids
+        return chat_prompt_ids(self._tokenizer, self._chat_template, request)
 
     async def open_session(self, request: GenerationRequest) -> DecodeSession:
         if not self.ready:
@@ -187,17 +179,7 @@ class TransformersEngine:
         return prompt_ids
 
     def _check_room(self, prompt_tokens: int, max_tokens: int | None) -> int:
-        """Tokens left for the completion; a prompt that leaves none is a 400."""
-        room = self._context_window - prompt_tokens
-        if room <= 0 or (max_tokens is not None and max_tokens > room):
-            asked = max_tokens or 1
-            raise ContextLengthError(
-                f"This model's maximum context length is {self._context_window} tokens. "
-                f"However, you requested {prompt_tokens + asked} tokens "
-                f"({prompt_tokens} in the messages, {asked} in the completion).",
-                param="messages",
-            )
-        return room
+        return check_room(self._context_window, prompt_tokens, max_tokens)
 
     def _begin(self, request: GenerationRequest, stream: _Stream) -> None:
         prompt_ids = self.encode_prompt(request)

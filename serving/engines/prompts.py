@@ -1,0 +1,35 @@
+"""What every engine does with a chat prompt: render it to token ids, and check it fits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ensemble.types import GenerationRequest
+from serving.errors import ContextLengthError
+
+
+def chat_prompt_ids(
+    tokenizer: Any, chat_template: str | None, request: GenerationRequest
+) -> list[int]:
+    """The request's messages through the chat template (None: the tokenizer's), as token ids."""
+    messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    text = tokenizer.apply_chat_template(
+        messages, chat_template=chat_template, add_generation_prompt=True, tokenize=False
+    )
+    # The template already wrote any BOS/special tokens it wants.
+    ids: list[int] = tokenizer.encode(text, add_special_tokens=False)
+    return ids
+
+
+def check_room(context_window: int, prompt_tokens: int, max_tokens: int | None) -> int:
+    """Tokens left for the completion; a prompt (and `max_tokens`) that does not fit is a 400."""
+    room = context_window - prompt_tokens
+    if room <= 0 or (max_tokens is not None and max_tokens > room):
+        asked = max_tokens or 1
+        raise ContextLengthError(
+            f"This model's maximum context length is {context_window} tokens. "
+            f"However, you requested {prompt_tokens + asked} tokens "
+            f"({prompt_tokens} in the messages, {asked} in the completion).",
+            param="messages",
+        )
+    return room
