@@ -10,11 +10,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
 from ensemble.types import ChatMessage, GenerationChunk, GenerationRequest, SamplingParams
+
+if TYPE_CHECKING:
+    from serving.engines.transformers import TransformersEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
@@ -201,3 +205,27 @@ def vllm_server() -> Iterator[VllmServer]:
         yield srv
     finally:
         srv.stop()
+
+
+def started(name: str) -> TransformersEngine:
+    """An expert of the default config on the transformers engine, loaded."""
+    from serving.config import load_config
+    from serving.engines.transformers import TransformersEngine
+
+    engine = TransformersEngine(name, load_config(DEFAULT_CONFIG).experts[name])  # type: ignore[arg-type]
+    asyncio.run(engine.start())
+    return engine
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Iterator[TransformersEngine]:
+    engine = started("smollm2-135m-instruct")
+    yield engine
+    asyncio.run(engine.aclose())
+
+
+@pytest.fixture(scope="module")
+def gemma() -> Iterator[TransformersEngine]:
+    engine = started("gemma3-270m")
+    yield engine
+    asyncio.run(engine.aclose())

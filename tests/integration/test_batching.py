@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +16,6 @@ from ensemble.types import GenerationRequest
 from serving.engines.transformers import TransformersEngine
 from tests.conftest import collect, texts
 from tests.conftest import request as ask
-from tests.integration.test_transformers_engine import started
 
 pytestmark = pytest.mark.integration
 
@@ -28,20 +26,6 @@ PROMPTS = [
     "Write a haiku about the sea, and then explain what each of its three lines means.",
     "What is 2 + 2?",
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Iterator[TransformersEngine]:
-    engine = started("smollm2-135m-instruct")
-    yield engine
-    asyncio.run(engine.aclose())
-
-
-@pytest.fixture(scope="module")
-def gemma() -> Iterator[TransformersEngine]:
-    engine = started("gemma3-270m")
-    yield engine
-    asyncio.run(engine.aclose())
 
 
 async def _text(engine: TransformersEngine, req: GenerationRequest, delay: float = 0.0) -> Any:

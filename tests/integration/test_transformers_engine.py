@@ -3,40 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 import torch
 
 from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
-from serving.config import load_config
 from serving.engines.transformers import TransformersEngine
 from serving.errors import ContextLengthError
-from tests.conftest import DEFAULT_CONFIG, collect, request, texts
+from tests.conftest import collect, request, texts
 
 pytestmark = pytest.mark.integration
 
 QUESTION = "What is the capital of France?"
-
-
-def started(name: str) -> TransformersEngine:
-    engine = TransformersEngine(name, load_config(DEFAULT_CONFIG).experts[name])
-    asyncio.run(engine.start())
-    return engine
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Iterator[TransformersEngine]:
-    engine = started("smollm2-135m-instruct")
-    yield engine
-    asyncio.run(engine.aclose())
-
-
-@pytest.fixture(scope="module")
-def gemma() -> Iterator[TransformersEngine]:
-    engine = started("gemma3-270m")
-    yield engine
-    asyncio.run(engine.aclose())
 
 
 def reference_greedy(engine: TransformersEngine, req: GenerationRequest, max_new: int) -> str:
