@@ -61,7 +61,8 @@ class Runtime:
             self.metrics.config_reloads.labels("ok").inc()
             kept = sorted(new.reused)
             logger.info("reloaded %s (experts kept loaded: %s)", self.config_path, kept or "none")
-            task = asyncio.create_task(self._retire(old, new))
+            older = list(self._retiring)
+            task = asyncio.create_task(self._retire(old, new, older))
             self._retiring[task] = old
             task.add_done_callback(self._retiring.pop)
             return True
@@ -73,7 +74,10 @@ class Runtime:
         self.metrics.config_reloads.labels("refused").inc()
         return False
 
-    async def _retire(self, old: Gateway, new: Gateway) -> None:
+    async def _retire(self, old: Gateway, new: Gateway, older: list[asyncio.Task[None]]) -> None:
+        # Gateways retire in order: one that is older may still run requests on engines that
+        # `old` shares with it.
+        await asyncio.gather(*older, return_exceptions=True)
         while old.inflight:
             await asyncio.sleep(0.1)
         await old.aclose(keep=new)
