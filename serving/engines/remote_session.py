@@ -58,20 +58,18 @@ from typing import Any, Literal
 
 import httpx
 
-from ensemble.types import Candidate, GenerationRequest, NextTokens
+from ensemble.types import GenerationRequest, NextTokens
 from serving.config import OpenAIExpertConfig
+from serving.engines.candidates import MAX_BYTE_LOOKAHEAD, REPLACEMENT, TAIL_TOKENS, renormalised
 from serving.engines.prompts import check_room
 from serving.engines.remote import _client_error, _Retryable
 from serving.errors import ExpertError
 
 logger = logging.getLogger(__name__)
 
-TAIL_TOKENS = 8  # tokens before chosen text that are re-tokenized with it (as in session.py)
-MAX_BYTE_LOOKAHEAD = 4  # tokens followed to complete a partial UTF-8 character
 MAX_LOGPROBS = 20  # vLLM's default `--max-logprobs`
 EXTRA_LOGPROBS = 8  # asked beyond k: special and partial-character tokens are dropped
 MAX_LOOKAHEAD = 8  # most greedy tokens drafted in one request
-REPLACEMENT = "\ufffd"
 SEPARATOR = "\u241e"  # ␞, between tokens detokenized together
 
 TokenKind = Literal["text", "end", "special"]
@@ -332,11 +330,7 @@ class RemoteSession:
                     text, path, lp = completed
             mass[text] = mass.get(text, 0.0) + math.exp(lp)
             paths.setdefault(text, path)
-        total = sum(mass.values()) or 1.0
-        candidates = tuple(
-            Candidate(text, math.log(m / total), paths[text], end=text == "")
-            for text, m in sorted(mass.items(), key=lambda item: -item[1])
-        )
+        candidates = renormalised(dict(sorted(mass.items(), key=lambda item: -item[1])), paths)
         return NextTokens(candidates, estimated_entropy([lp for _, lp in ranked]))
 
     async def _view(self, ids: list[int], k: int) -> list[tuple[int, float]]:

@@ -14,13 +14,8 @@ from typing import Any
 
 import torch
 
-from ensemble.types import Candidate, NextTokens
-
-# Tokens re-tokenized on each extend: enough to cover any merge across the join.
-TAIL_TOKENS = 8
-# A candidate token that is only part of a UTF-8 character is completed greedily, this far.
-MAX_BYTE_LOOKAHEAD = 4
-REPLACEMENT = "\ufffd"
+from ensemble.types import NextTokens
+from serving.engines.candidates import MAX_BYTE_LOOKAHEAD, REPLACEMENT, TAIL_TOKENS, renormalised
 
 
 class TransformersSession:
@@ -99,11 +94,7 @@ class TransformersSession:
                     text, path, lp = completed
             mass[text] = mass.get(text, 0.0) + math.exp(lp)
             ids.setdefault(text, path)
-        total = sum(mass.values()) or 1.0
-        candidates = tuple(
-            Candidate(text, math.log(m / total), ids[text], end=text == "")
-            for text, m in mass.items()
-        )
+        candidates = renormalised(mass, ids)
         entropy = float(-(logp.exp() * logp).sum())
         return NextTokens(candidates, entropy, logp.numpy() if full else None)
 

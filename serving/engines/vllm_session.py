@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ensemble.types import Candidate, NextTokens
-from serving.engines.session import MAX_BYTE_LOOKAHEAD, REPLACEMENT, TAIL_TOKENS
+from serving.engines.candidates import MAX_BYTE_LOOKAHEAD, REPLACEMENT, TAIL_TOKENS, renormalised
 from serving.errors import ExpertError
 
 if TYPE_CHECKING:
@@ -307,11 +307,7 @@ class VllmSession:
             ids.setdefault(text, path)
         if not mass:  # nothing usable among the top entries: end the answer
             return NextTokens((Candidate("", 0.0, (), end=True),), 0.0)
-        total = sum(mass.values())
-        candidates = tuple(
-            Candidate(text, math.log(m / total), ids[text], end=text == "")
-            for text, m in mass.items()
-        )
+        candidates = renormalised(mass, ids)
         probs = np.exp(np.fromiter(view.values(), dtype=np.float64))
         rest = max(0.0, 1.0 - float(probs.sum()))
         entropy = float(-(probs * np.log(np.maximum(probs, 1e-300))).sum())
