@@ -47,6 +47,7 @@ from loadtest.load import (  # noqa: E402
     jobs_for,
     make_client,
     run_jobs,
+    start_chorus,
     summarize,
     wrap,
 )
@@ -230,27 +231,13 @@ async def main_async(args: argparse.Namespace) -> int:
     try:
         print(f"# vLLM starting on port {vllm_port} (log {vllm.log_path})", flush=True)
         print(f"# vLLM ready in {vllm.wait_ready(600):.0f}s", flush=True)
-        chorus_port = free_port()
         config = chorus_config(vllm_port, work)
         profile = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
-        chorus = Subprocess(
-            [
-                sys.executable,
-                *profile,
-                "-m",
-                "serving",
-                "serve",
-                "--config",
-                str(config),
-                "--port",
-                str(chorus_port),
-            ],
-            f"http://127.0.0.1:{chorus_port}/health",
-        )
+        chorus, chorus_url = start_chorus(config, python_args=profile)
         print(f"# Chorus ready in {chorus.wait_ready(300):.0f}s (log {chorus.log_path})")
         urls = {
             "direct": f"http://127.0.0.1:{vllm_port}",
-            "chorus": f"http://127.0.0.1:{chorus_port}",
+            "chorus": chorus_url,
         }
         opts = RequestOptions(args.max_tokens, 0.0, None)
         started = dt.datetime.now(dt.UTC)

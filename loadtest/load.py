@@ -538,11 +538,14 @@ class Subprocess:
         self._log.close()
 
 
-def start_chorus(config: Path, port: int | None = None) -> tuple[Subprocess, str]:
+def start_chorus(
+    config: Path, port: int | None = None, *, python_args: Sequence[str] = ()
+) -> tuple[Subprocess, str]:
+    """`chorus serve` on `config`; `python_args` go to the interpreter (e.g. `-m cProfile`)."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = [sys.executable, "-m", "serving", "serve", "--config", str(config), "--port", str(port)]
-    return Subprocess(argv, f"{url}/health"), url
+    serve = ["-m", "serving", "serve", "--config", str(config), "--port", str(port)]
+    return Subprocess([sys.executable, *python_args, *serve], f"{url}/health"), url
 
 
 def rss_bytes(pid: int) -> int:
