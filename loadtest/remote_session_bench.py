@@ -43,7 +43,7 @@ from ensemble.types import (  # noqa: E402
 )
 from serving.config import OpenAIExpertConfig, load_config  # noqa: E402
 from serving.engines.remote import RemoteOpenAIEngine  # noqa: E402
-from serving.engines.remote_session import RemoteSession  # noqa: E402
+from serving.engines.remote_session import RemoteSession, post_json  # noqa: E402
 from serving.engines.transformers import TransformersEngine  # noqa: E402
 from tests.conftest import DEFAULT_CONFIG, VllmServer  # noqa: E402
 
@@ -108,9 +108,9 @@ async def score_chunk(engine: RemoteOpenAIEngine, req: GenerationRequest) -> tup
     }
     assert engine._client is not None
     started = time.perf_counter()
-    answer = await engine._client.post("/completions", json=body)
+    url = f"{engine.base_url}/completions"
+    await post_json(engine._client, engine.config, engine.name, url, body)
     seconds = time.perf_counter() - started
-    answer.raise_for_status()
     await session.aclose()
     return len(chunk), seconds, 1
 

@@ -50,19 +50,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import httpx
+import aiohttp
 
 from ensemble.types import GenerationRequest, NextTokens
 from serving.config import OpenAIExpertConfig
 from serving.engines.candidates import MAX_BYTE_LOOKAHEAD, REPLACEMENT, TAIL_TOKENS, renormalised
 from serving.engines.prompts import check_room
-from serving.engines.remote import _client_error, _Retryable
+from serving.engines.remote import UNREACHABLE, _Retryable, client_error
 from serving.errors import ExpertError
 
 logger = logging.getLogger(__name__)
@@ -82,22 +83,27 @@ def server_root(base_url: str) -> str:
 
 
 async def post_json(
-    client: httpx.AsyncClient, config: OpenAIExpertConfig, name: str, url: str, body: dict[str, Any]
+    client: aiohttp.ClientSession,
+    config: OpenAIExpertConfig,
+    name: str,
+    url: str,
+    body: dict[str, Any],
 ) -> Any:
     """POST with the engine's retry policy: connection errors and 5xx, with backoff."""
     for attempt in range(config.retries + 1):
         try:
-            response = await client.post(url, json=body)
-            if response.status_code >= 500:
-                raise _Retryable(f"HTTP {response.status_code}")
-            if response.status_code >= 400:
-                raise _client_error(name, response)
-            return response.json()
-        except (httpx.ConnectError, httpx.ConnectTimeout, _Retryable) as exc:
+            async with client.post(url, json=body) as response:
+                if response.status >= 500:
+                    raise _Retryable(f"HTTP {response.status}")
+                text = await response.text()
+                if response.status >= 400:
+                    raise client_error(name, response.status, text)
+                return json.loads(text)
+        except UNREACHABLE as exc:
             if attempt == config.retries:
                 raise ExpertError(f"expert {name} failed: {exc}") from exc
             await asyncio.sleep(config.backoff_s * 2**attempt)
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, ValueError) as exc:  # cut off, or not JSON
             raise ExpertError(f"expert {name} failed: {exc!r}") from exc
     raise AssertionError("unreachable")
 
@@ -108,11 +114,14 @@ class TokenTexts:
     Shared by all sessions of one engine (one tokenizer); concurrent asks for one token share
     one request."""
 
-    def __init__(self, client: httpx.AsyncClient, config: OpenAIExpertConfig, name: str) -> None:
+    def __init__(
+        self, client: aiohttp.ClientSession, config: OpenAIExpertConfig, name: str
+    ) -> None:
         self.client = client
         self.config = config
         self.name = name
         self.root = server_root(config.base_url)
+        self.completions_url = f"{config.base_url.rstrip('/')}/completions"
         self.texts: dict[int, str] = {}
         self.kinds: dict[int, TokenKind] = {}
         self._pending: dict[int, asyncio.Future[None]] = {}
@@ -176,7 +185,7 @@ class TokenTexts:
             "allowed_token_ids": [token],
         }
         self.requests += 1
-        out = await post_json(self.client, self.config, self.name, "/completions", body)
+        out = await post_json(self.client, self.config, self.name, self.completions_url, body)
         choice = out["choices"][0]
         if choice.get("text"):
             return "text"
@@ -218,7 +227,7 @@ class _Segment:
 async def open_remote_session(
     name: str,
     config: OpenAIExpertConfig,
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     texts: TokenTexts,
     request: GenerationRequest,
     *,
@@ -245,7 +254,7 @@ class RemoteSession:
         self,
         expert: str,
         config: OpenAIExpertConfig,
-        client: httpx.AsyncClient,
+        client: aiohttp.ClientSession,
         texts: TokenTexts,
         prompt_ids: list[int],
         limit: int,
@@ -360,7 +369,9 @@ class RemoteSession:
             "return_tokens_as_token_ids": True,
         }
         self.completions += 1
-        out = await post_json(self.client, self.config, self.expert, "/completions", body)
+        out = await post_json(
+            self.client, self.config, self.expert, self.texts.completions_url, body
+        )
         choice = out["choices"][0]
         logprobs = choice.get("logprobs") or {}
         chosen = [_token_id(t) for t in logprobs.get("tokens") or []]
@@ -390,7 +401,9 @@ class RemoteSession:
             "return_tokens_as_token_ids": True,
         }
         self.completions += 1
-        out = await post_json(self.client, self.config, self.expert, "/completions", body)
+        out = await post_json(
+            self.client, self.config, self.expert, self.texts.completions_url, body
+        )
         logprobs = out["choices"][0].get("logprobs") or {}
         following = [_token_id(t) for t in logprobs.get("tokens") or []]
         following_lps = [float(x) for x in logprobs.get("token_logprobs") or []]

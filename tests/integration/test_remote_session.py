@@ -13,7 +13,7 @@ import pytest
 from ensemble.types import ChatMessage, GenerationRequest, NextTokens, SamplingParams
 from serving.config import OpenAIExpertConfig, load_config
 from serving.engines.remote import RemoteOpenAIEngine
-from serving.engines.remote_session import RemoteSession
+from serving.engines.remote_session import RemoteSession, post_json
 from serving.engines.transformers import TransformersEngine
 from tests.conftest import DEFAULT_CONFIG, ServerProcess, VllmServer
 
@@ -111,8 +111,9 @@ def test_text_chosen_elsewhere_is_continued_as_vllm_would(
         ids = [*session.prompt_ids, *await texts.tokenize("The capital of France is")]
         body = {"model": remote.config.model, "prompt": ids, "max_tokens": 6, "temperature": 0}
         assert remote._client is not None
-        answer = await remote._client.post("/completions", json=body)
-        assert continued == answer.json()["choices"][0]["text"]
+        url = f"{remote.base_url}/completions"
+        answer = await post_json(remote._client, remote.config, remote.name, url, body)
+        assert continued == answer["choices"][0]["text"]
         assert continued.startswith(" Paris")
         await session.aclose()
 

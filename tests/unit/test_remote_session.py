@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import math
+from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import pytest
+from aiohttp import web
 
 from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
 from serving.config import OpenAIExpertConfig
 from serving.engines.remote import RemoteOpenAIEngine
 from serving.engines.remote_session import SEPARATOR, RemoteSession, estimated_entropy
 from serving.errors import ContextLengthError
+from tests.upstream import serve
 
 # A toy tokenizer: one character per token, 0 ends the sequence, 9 is another special token.
 VOCAB = {0: "<eos>", 9: "<pad>", 99: SEPARATOR, **{i: "abcdefgh"[i - 1] for i in range(1, 9)}}
@@ -29,20 +31,20 @@ class ToyServer:
         self.calls: list[str] = []
         self.tokenized: list[str] = []
 
-    def handler(self, request: httpx.Request) -> httpx.Response:
+    async def handler(self, request: web.Request) -> web.Response:
         if request.method == "GET":  # the health probe
-            return httpx.Response(200, json={"data": []})
-        body = json.loads(request.content)
-        path = request.url.path
+            return web.json_response({"data": []})
+        body = await request.json()
+        path = request.path
         self.calls.append(path)
         if path == "/tokenize":
             if "messages" in body:
-                return httpx.Response(200, json={"tokens": PROMPT, "max_model_len": WINDOW})
+                return web.json_response({"tokens": PROMPT, "max_model_len": WINDOW})
             self.tokenized.append(body["prompt"])
             ids = [next(i for i, t in VOCAB.items() if t == c) for c in body["prompt"]]
-            return httpx.Response(200, json={"tokens": ids, "max_model_len": WINDOW})
+            return web.json_response({"tokens": ids, "max_model_len": WINDOW})
         if path == "/detokenize":
-            return httpx.Response(200, json={"prompt": "".join(VOCAB[t] for t in body["tokens"])})
+            return web.json_response({"prompt": "".join(VOCAB[t] for t in body["tokens"])})
         assert path == "/v1/completions"
         ids = list(body["prompt"])
         if body.get("allowed_token_ids"):
@@ -50,7 +52,7 @@ class ToyServer:
             text = "" if token in (0, 9) else VOCAB[token]
             finish = "stop" if token == 0 else "length"
             choice = {"text": text, "finish_reason": finish, "stop_reason": None}
-            return httpx.Response(200, json={"choices": [choice]})
+            return web.json_response({"choices": [choice]})
         tokens, tops, finish = [], [], "length"
         for _ in range(body["max_tokens"]):
             last = ids[-1] if ids[-1] in range(1, 9) else 0
@@ -64,12 +66,20 @@ class ToyServer:
                 break
         logprobs = {"tokens": tokens, "top_logprobs": tops, "token_logprobs": [-0.5] * len(tokens)}
         choice = {"text": "", "logprobs": logprobs, "finish_reason": finish, "stop_reason": None}
-        return httpx.Response(200, json={"choices": [choice]})
+        return web.json_response({"choices": [choice]})
 
 
-def engine(server: ToyServer) -> RemoteOpenAIEngine:
-    config = OpenAIExpertConfig(engine="openai", base_url="http://toy/v1", model="toy")
-    return RemoteOpenAIEngine("toy", config, transport=httpx.MockTransport(server.handler))
+@contextlib.asynccontextmanager
+async def started(server: ToyServer) -> AsyncIterator[RemoteOpenAIEngine]:
+    """An engine pointed at the toy server, over real loopback HTTP."""
+    async with serve(server.handler) as url:
+        config = OpenAIExpertConfig(engine="openai", base_url=f"{url}/v1", model="toy")
+        engine = RemoteOpenAIEngine("toy", config)
+        await engine.start()
+        try:
+            yield engine
+        finally:
+            await engine.aclose()
 
 
 def request(max_tokens: int | None = 16) -> GenerationRequest:
@@ -90,22 +100,20 @@ async def follow(session: Any, steps: int = 16) -> str:
 def test_views_follow_the_servers_greedy_path_from_drafts() -> None:
     async def go() -> None:
         server = ToyServer()
-        toy = engine(server)
-        await toy.start()
-        session = await toy.open_session(request())
-        assert isinstance(session, RemoteSession) and session.prompt_tokens == 2
-        view = await session.top_k(3, full=True)
-        assert [c.text for c in view.candidates] == ["a", "d"]  # "<pad>" is dropped
-        assert sum(math.exp(c.logprob) for c in view.candidates) == pytest.approx(1.0)
-        assert view.distribution is None
-        assert await follow(session) == "abcdefgh|"  # the top one each step, to the end
-        assert session.completions == 4  # drafts of 1, 2, 4, 8 tokens for 9 views
-        # each token's text learnt once, with one probe per special-looking token
-        probes = server.calls.count("/v1/completions") - session.completions
-        assert probes == 2 and toy._token_texts is not None
-        assert toy._token_texts.kinds[0] == "end" and toy._token_texts.kinds[9] == "special"
-        await session.aclose()
-        await toy.aclose()
+        async with started(server) as toy:
+            session = await toy.open_session(request())
+            assert isinstance(session, RemoteSession) and session.prompt_tokens == 2
+            view = await session.top_k(3, full=True)
+            assert [c.text for c in view.candidates] == ["a", "d"]  # "<pad>" is dropped
+            assert sum(math.exp(c.logprob) for c in view.candidates) == pytest.approx(1.0)
+            assert view.distribution is None
+            assert await follow(session) == "abcdefgh|"  # the top one each step, to the end
+            assert session.completions == 4  # drafts of 1, 2, 4, 8 tokens for 9 views
+            # each token's text learnt once, with one probe per special-looking token
+            probes = server.calls.count("/v1/completions") - session.completions
+            assert probes == 2 and toy._token_texts is not None
+            assert toy._token_texts.kinds[0] == "end" and toy._token_texts.kinds[9] == "special"
+            await session.aclose()
 
     asyncio.run(go())
 
@@ -113,27 +121,23 @@ def test_views_follow_the_servers_greedy_path_from_drafts() -> None:
 def test_text_chosen_elsewhere_is_tokenized_and_the_draft_dropped() -> None:
     async def go() -> None:
         server = ToyServer()
-        toy = engine(server)
-        await toy.start()
-        session = await toy.open_session(request())
-        await session.top_k(3)
-        await session.extend("d")  # not the expert's "a": another expert's piece
-        assert await follow(session, 2) == "ef"
-        assert server.calls.count("/tokenize") == 3  # the prompt, the separator, then "d"
-        assert isinstance(session, RemoteSession)
-        assert session.completions == 3  # the draft after "a" was of no use after "d"
-        await toy.aclose()
+        async with started(server) as toy:
+            session = await toy.open_session(request())
+            await session.top_k(3)
+            await session.extend("d")  # not the expert's "a": another expert's piece
+            assert await follow(session, 2) == "ef"
+            assert server.calls.count("/tokenize") == 3  # the prompt, the separator, then "d"
+            assert isinstance(session, RemoteSession)
+            assert session.completions == 3  # the draft after "a" was of no use after "d"
 
     asyncio.run(go())
 
 
 def test_a_prompt_that_leaves_no_room_is_a_context_length_error() -> None:
     async def go() -> None:
-        toy = engine(ToyServer())
-        await toy.start()
-        with pytest.raises(ContextLengthError):
-            await toy.open_session(request(WINDOW))
-        await toy.aclose()
+        async with started(ToyServer()) as toy:
+            with pytest.raises(ContextLengthError):
+                await toy.open_session(request(WINDOW))
 
     asyncio.run(go())
 
@@ -150,16 +154,14 @@ def test_the_entropy_estimate_is_exact_on_a_whole_distribution_and_a_lower_bound
 def test_a_long_answer_of_text_from_elsewhere_is_retokenized_only_at_its_tail() -> None:
     async def go() -> None:
         server = ToyServer()
-        toy = engine(server)
-        await toy.start()
-        session = await toy.open_session(request(48))
-        for piece in "abcdefgh" * 5:
+        async with started(server) as toy:
+            session = await toy.open_session(request(48))
+            for piece in "abcdefgh" * 5:
+                await session.top_k(3)
+                await session.extend(piece)
             await session.top_k(3)
-            await session.extend(piece)
-        await session.top_k(3)
-        assert isinstance(session, RemoteSession)
-        assert max(len(t) for t in server.tokenized) <= 17  # 8 tokens back, then the head freezes
-        assert len(await session._ids()) == 2 + 40
-        await toy.aclose()
+            assert isinstance(session, RemoteSession)
+            assert max(len(t) for t in server.tokenized) <= 17  # 8 back, then the head freezes
+            assert len(await session._ids()) == 2 + 40
 
     asyncio.run(go())

@@ -4,57 +4,45 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
-import httpx
+from aiohttp import web
 
 from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
 from serving.config import OpenAIExpertConfig
 from serving.engines.remote import RemoteOpenAIEngine
+from tests.upstream import serve
 
 
-class Body(httpx.AsyncByteStream):
-    """An SSE body that records whether the client read it to the end."""
-
-    def __init__(self, events: list[bytes]) -> None:
-        self.events = events
-        self.finished = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for event in self.events:
-            yield event
-        self.finished = True
-
-
-def test_stream_is_read_past_done_to_its_end() -> None:
+def test_stream_is_read_past_done_and_its_connection_reused() -> None:
     chunk = {"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": "stop"}]}
     usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
-    bodies: list[Body] = []
+    peers: set[object] = set()
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        peers.add(request.transport.get_extra_info("peername"))
         if request.method == "GET":  # the health probe
-            return httpx.Response(200, json={"data": []})
-        body = Body(
-            [
-                f"data: {json.dumps(chunk)}\n\n".encode(),
-                f"data: {json.dumps(usage)}\n\n".encode(),
-                b"data: [DONE]\n\n",
-                b"",  # the end of the body arrives after [DONE]
-            ]
-        )
-        bodies.append(body)
-        return httpx.Response(200, stream=body, headers={"content-type": "text/event-stream"})
+            return web.json_response({"data": []})
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for event in (chunk, usage):
+            await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await asyncio.sleep(0.05)  # the end of the body arrives after [DONE]
+        await response.write_eof()
+        return response
 
-    config = OpenAIExpertConfig(engine="openai", base_url="http://upstream/v1", model="m")
-    engine = RemoteOpenAIEngine("up", config, transport=httpx.MockTransport(handler))
     request = GenerationRequest("r", (ChatMessage("user", "hello"),), SamplingParams(max_tokens=4))
 
     async def run() -> list[str]:
-        await engine.start()
-        try:
-            return [c.text async for c in engine.generate(request)]
-        finally:
-            await engine.aclose()
+        async with serve(handler) as url:
+            config = OpenAIExpertConfig(engine="openai", base_url=f"{url}/v1", model="m")
+            engine = RemoteOpenAIEngine("up", config)
+            await engine.start()
+            try:
+                return ["".join([c.text async for c in engine.generate(request)]) for _ in range(3)]
+            finally:
+                await engine.aclose()
 
-    assert "".join(asyncio.run(run())) == "Hi"
-    assert len(bodies) == 1 and bodies[0].finished
+    assert asyncio.run(run()) == ["Hi"] * 3
+    assert len(peers) == 1  # the probe and three streams over one connection
