@@ -212,7 +212,8 @@ class ChatService:
         seen = call.prompt_tokens.get(chunk.expert, 0)
         call.prompt_tokens[chunk.expert] = max(seen, chunk.prompt_tokens)
         call.completion_tokens += chunk.tokens
-        self.metrics.tokens.labels(chunk.expert, "completion").inc(chunk.tokens)
+        if chunk.tokens:  # remote experts count theirs once, at the end: text chunks carry 0
+            self.metrics.tokens.labels(chunk.expert, "completion").inc(chunk.tokens)
         if call.first_token_at is None and chunk.text:
             call.first_token_at = time.perf_counter()
             self.metrics.time_to_first_token.labels(*call.labels).observe(
