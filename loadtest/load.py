@@ -496,7 +496,15 @@ def free_port() -> int:
 class Subprocess:
     """A server as a child process on loopback; `wait_ready` polls a URL until it answers 200."""
 
-    def __init__(self, argv: list[str], health_url: str, *, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        argv: list[str],
+        health_url: str,
+        *,
+        env: dict[str, str] | None = None,
+        cpus: set[int] | None = None,
+    ):
+        """`cpus`: the cores it and every process it starts may run on (default: all)."""
         self.health_url = health_url
         fd, log = tempfile.mkstemp(prefix="chorus-loadtest-", suffix=".log")
         os.close(fd)
@@ -509,6 +517,8 @@ class Subprocess:
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
             start_new_session=True,
+            # set in the child before exec, so the processes it starts inherit the mask
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
         )
 
     @property
@@ -839,12 +849,12 @@ async def run(args: argparse.Namespace) -> int:
             append_results(f"{when} · load test, {kind}", body, args.results_file)
             print(f"# appended to {args.results_file}")
 
-        failed = errors > 0 or (verdict is not None and not verdict["ok"])
+        bad_run = errors > 0 or (verdict is not None and not verdict["ok"])
         if errors:
             print(f"# FAIL: {errors} failed requests")
         if verdict is not None and not verdict["ok"]:
             print("# FAIL: RSS grew past the limit" if "growth" in verdict else "# FAIL: no RSS")
-        return 1 if failed else 0
+        return 1 if bad_run else 0
     finally:
         if server is not None:
             server.stop()
