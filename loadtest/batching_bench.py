@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,8 +38,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from loadtest import load  # noqa: E402
+from loadtest.load import Subprocess  # noqa: E402
 from serving import bundled  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 PROMPTS = [
@@ -68,51 +67,20 @@ experts:
 class Server:
     name: str
     url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
+    process: Subprocess
     extra: dict[str, object] = field(default_factory=dict)
 
 
-def start_chorus(name: str, root: Path, config: Path, logs: Path, threads: int | None) -> Server:
-    port = free_port()
-    log = logs / f"{name}.log"
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving", "serve", "--config", str(config), "--port", str(port)],
-        cwd=root,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    return Server(name, f"http://127.0.0.1:{port}", proc, log)
+def start_chorus(name: str, checkout: Path, config: Path, threads: int | None) -> Server:
+    env = {"OMP_NUM_THREADS": str(threads)} if threads else None
+    process, url = load.start_chorus(config, env=env, checkout=checkout)
+    return Server(name, url, process)
 
 
-def start_vllm(logs: Path) -> Server:
-    port = free_port()
-    log = logs / "vllm.log"
+def start_vllm() -> Server:
     folder = bundled.resolve(f"bundled:{MODEL}")
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(folder), "--served-model-name", MODEL, "--port", str(port),
-        "--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "2048",
-    ]  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
-    return Server("vllm", f"http://127.0.0.1:{port}", proc, log, {"ignore_eos": True})
-
-
-def wait_ready(server: Server, timeout_s: float = 400) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"{server.name} exited; see {server.log}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{server.name} not ready after {timeout_s} s; see {server.log}")
+    process, url = load.start_vllm(folder, served_name=MODEL, dtype="bfloat16")
+    return Server("vllm", url, process, {"ignore_eos": True})
 
 
 @dataclass
@@ -182,25 +150,27 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "loadtest" / "batching")
     args = parser.parse_args()
 
-    logs = Path(tempfile.mkdtemp(prefix="batching-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="batching-bench-"))
     servers = []
     for dtype in args.dtypes.split(","):
-        config = logs / f"smollm2-{dtype}.yaml"
+        config = work / f"smollm2-{dtype}.yaml"
         config.write_text(CONFIG.format(model=MODEL, dtype=dtype))
         name = "chorus" if dtype == "float32" else f"chorus-{dtype}"
-        servers.append(start_chorus(name, ROOT, config, logs, args.threads))
+        servers.append(start_chorus(name, ROOT, config, args.threads))
         if args.before and dtype == "float32":
             servers.append(
-                start_chorus("chorus-before", args.before.resolve(), config, logs, args.threads)
+                start_chorus("chorus-before", args.before.resolve(), config, args.threads)
             )
     if not args.no_vllm:
-        servers.append(start_vllm(logs))
+        servers.append(start_vllm())
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[str, dict[int, list[Result]]] = {s.name: {c: [] for c in levels} for s in servers}
     try:
         for server in servers:
-            wait_ready(server)
-            print(f"{server.name} ready at {server.url}", flush=True)
+            server.process.wait_ready(400)
+            print(
+                f"{server.name} ready at {server.url} (log {server.process.log_path})", flush=True
+            )
         for server in servers:  # warm-up, not counted
             asyncio.run(round_of(server, 8, args.tokens))
         for r in range(args.rounds):
@@ -213,12 +183,7 @@ def main() -> None:
             report(results, args.out)  # after every round: an interrupted run keeps its figures
     finally:
         for server in servers:
-            server.proc.terminate()
-        for server in servers:
-            try:
-                server.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.proc.kill()
+            server.process.stop()
 
 
 def report(results: dict[str, dict[int, list[Result]]], out: Path) -> None:
@@ -238,14 +203,14 @@ def report(results: dict[str, dict[int, list[Result]]], out: Path) -> None:
     print()
     print("| server | concurrency | p50 s | p99 s | TTFT p50 s | TTFT p99 s | tokens | p50/vLLM |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, by_c in summary.items():
-        for key, s in by_c.items():
+    for name, rows in summary.items():
+        for key, row in rows.items():
             ratio = ""
             if "vllm" in summary:
-                ratio = f"{s['p50_s'] / summary['vllm'][key]['p50_s']:.2f}"
+                ratio = f"{row['p50_s'] / summary['vllm'][key]['p50_s']:.2f}"
             print(
-                f"| {name} | {key[1:]} | {s['p50_s']:.3f} | {s['p99_s']:.3f} | "
-                f"{s['ttft_p50_s']:.3f} | {s['ttft_p99_s']:.3f} | {s['tokens_mean']:.1f} "
+                f"| {name} | {key[1:]} | {row['p50_s']:.3f} | {row['p99_s']:.3f} | "
+                f"{row['ttft_p50_s']:.3f} | {row['ttft_p99_s']:.3f} | {row['tokens_mean']:.1f} "
                 f"| {ratio} |"
             )
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -50,44 +50,18 @@ from loadtest.load import (  # noqa: E402
     _interrupt,
     append_results,
     command_line,
-    free_port,
     jobs_for,
     make_client,
     run_jobs,
     send,
     start_chorus,
+    start_vllm,
     summarize,
     wrap,
 )
 
 MODEL = "smollm2-135m-instruct"
 SIDES = ("direct", "chorus")
-
-
-def start_vllm(model_dir: str, port: int, kv_gib: int, cpus: set[int] | None) -> Subprocess:
-    argv = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        model_dir,
-        "--served-model-name",
-        MODEL,
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-        "--dtype",
-        "bfloat16",
-        "--enforce-eager",
-        "--max-model-len",
-        "2048",
-        "--disable-uvicorn-access-log",  # Chorus logs no access lines either
-    ]
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
-    if cpus is not None:  # its compute threads on those cores too, not its own choice of them
-        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(cpus)))
-    return Subprocess(argv, f"http://127.0.0.1:{port}/health", env=env, cpus=cpus)
 
 
 def cores_note(vllm_cpus: set[int] | None, gateway_cpus: set[int] | None) -> str:
@@ -108,14 +82,14 @@ def split_cores(pin: bool) -> tuple[set[int] | None, set[int] | None]:
     return set(cores[:half]), set(cores[half:])
 
 
-def chorus_config(vllm_port: int, folder: Path) -> Path:
+def chorus_config(vllm_url: str, folder: Path) -> Path:
     path = folder / "gateway-overhead.yaml"
     path.write_text(
         "# written by loadtest/gateway_overhead.py\n"
         "experts:\n"
         f"  {MODEL}:\n"
         "    engine: openai\n"
-        f"    base_url: http://127.0.0.1:{vllm_port}/v1\n"
+        f"    base_url: {vllm_url}/v1\n"
         f"    model: {MODEL}\n"
         "    context_window: 2048\n"
     )
@@ -323,24 +297,25 @@ async def main_async(args: argparse.Namespace) -> int:
 
         args.model_dir = resolve(f"bundled:{MODEL}")
     work = Path(tempfile.mkdtemp(prefix="chorus-overhead-"))
-    vllm_port = free_port()
     vllm_cpus, gateway_cpus = split_cores(args.pin)
-    vllm = start_vllm(args.model_dir, vllm_port, args.kv_cache_gib, vllm_cpus)
+    vllm, vllm_url = start_vllm(
+        args.model_dir, served_name=MODEL, kv_cache_gib=args.kv_cache_gib, cpus=vllm_cpus
+    )
     chorus: Subprocess | None = None
     try:
-        print(f"# vLLM starting on port {vllm_port} (log {vllm.log_path})", flush=True)
+        print(f"# vLLM starting at {vllm_url} (log {vllm.log_path})", flush=True)
         print(f"# vLLM ready in {vllm.wait_ready(600):.0f}s", flush=True)
         if gateway_cpus is not None:  # the client (this process) and Chorus, which inherits it
             os.sched_setaffinity(0, gateway_cpus)
             print(
                 f"# cores: vLLM {sorted(vllm_cpus or ())}, client and Chorus {sorted(gateway_cpus)}"
             )
-        config = chorus_config(vllm_port, work)
+        config = chorus_config(vllm_url, work)
         profile = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
         chorus, chorus_url = start_chorus(config, python_args=profile)
         print(f"# Chorus ready in {chorus.wait_ready(300):.0f}s (log {chorus.log_path})")
         urls = {
-            "direct": f"http://127.0.0.1:{vllm_port}",
+            "direct": vllm_url,
             "chorus": chorus_url,
         }
         opts = RequestOptions(args.max_tokens, 0.0, None)

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from loadtest.gateway_overhead import MODEL, start_vllm  # noqa: E402
-from loadtest.load import _concurrencies, free_port  # noqa: E402
+from loadtest.gateway_overhead import MODEL  # noqa: E402
+from loadtest.load import _concurrencies, start_vllm  # noqa: E402
 
 BODY = {
     "model": MODEL,
@@ -94,11 +94,10 @@ async def measure(url: str, conc: int, n: int, rounds: int) -> dict[str, float]:
 async def main_async(args: argparse.Namespace) -> None:
     from serving.bundled import resolve
 
-    port = free_port()
-    vllm = start_vllm(resolve(f"bundled:{MODEL}"), port, 1, None)
+    vllm, vllm_url = start_vllm(resolve(f"bundled:{MODEL}"), served_name=MODEL)
     try:
         print(f"# vLLM ready in {vllm.wait_ready(600):.0f}s", flush=True)
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        url = f"{vllm_url}/v1/chat/completions"
         print(
             "| concurrency | requests per client | httpx CPU ms/request | aiohttp CPU ms/request "
             "| aiohttp / httpx |"

