@@ -520,7 +520,7 @@ class Subprocess:
             # Its own process group (a Ctrl-C in the terminal reaches only us; we stop it), but
             # not its own session: with the kernel's autogroup scheduling, a new session is a
             # new CPU group with a group's share, which made one server of the batching bench
-            # 1.4x slower at 8 streams than the same server started in this session.
+            # 1.3x slower at 8 streams than the same server started in this session.
             process_group=0,
             # set in the child before exec, so the processes it starts inherit the mask
             preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
