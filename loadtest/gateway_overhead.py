@@ -114,8 +114,9 @@ async def measure(
     rounds: int,
     per_round: int | None,
     opts: RequestOptions,
+    streams: tuple[bool, ...] = (False, True),
 ) -> list[dict[str, Any]]:
-    scenario = Scenario("overhead", "", (MODEL,), SHORT_PROMPTS)
+    scenario = Scenario("overhead", "", (MODEL,), SHORT_PROMPTS, streams)
     rows: list[dict[str, Any]] = []
     for conc in concurrencies:
         n = per_round or max(16, 2 * conc)
@@ -321,7 +322,10 @@ async def main_async(args: argparse.Namespace) -> int:
         opts = RequestOptions(args.max_tokens, 0.0, None)
         started = dt.datetime.now(dt.UTC)
         load = os.getloadavg()[0]
-        rows = await measure(urls, chorus.pid, args.concurrency, args.rounds, args.requests, opts)
+        streams = (True,) if args.stream_only else (False, True)
+        rows = await measure(
+            urls, chorus.pid, args.concurrency, args.rounds, args.requests, opts, streams
+        )
         print(overhead_table(rows))
         if args.json_out:
             args.json_out.write_text(json.dumps(rows, default=str))
@@ -386,6 +390,9 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--model-dir", help="default: the bundled SmolLM2 folder")
     p.add_argument("--kv-cache-gib", type=int, default=1)
+    p.add_argument(
+        "--stream-only", action="store_true", help="every request streamed (default: half)"
+    )
     p.add_argument(
         "--pin",
         action="store_true",
