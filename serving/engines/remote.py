@@ -5,9 +5,9 @@ retried with exponential backoff, but only before the first byte of output: afte
 connection is reported as an `ExpertError` (an SSE error event for streaming clients), never
 silently restarted. A background probe (`GET {base_url}/models`) keeps `ready` current.
 
-The HTTP client is aiohttp: at 32 concurrent streams it spends about a quarter of httpx's CPU per
-request (0.7 against 2.8 ms for a 16-token stream, measured side by side against `vllm serve`;
-httpcore's pool walks every connection on each request), and that CPU is the gateway's overhead
+The HTTP client is aiohttp: at 32 concurrent 16-token streams from `vllm serve` it spends 0.28x
+httpx's CPU per request (0.81 against 2.95 ms, loadtest/http_client_bench.py; httpcore's pool walks
+every connection on each request); with httpx that was most of the gateway's CPU per request
 (loadtest/gateway_overhead.py).
 """
 
@@ -44,8 +44,8 @@ class _Retryable(Exception):
     pass
 
 
-# Failures to reach the server at all: retried, since nothing was sent.
-UNREACHABLE = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, _Retryable)
+# Failures before any output: the server could not be reached, or answered 5xx. Retried.
+RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, _Retryable)
 
 
 def open_client(config: OpenAIExpertConfig, headers: dict[str, str]) -> aiohttp.ClientSession:
@@ -183,7 +183,7 @@ class RemoteOpenAIEngine:
                         received = True
                         yield chunk
                 return
-            except UNREACHABLE as exc:
+            except RETRYABLE as exc:
                 if received or attempt == self.config.retries:
                     if not isinstance(exc, _Retryable):
                         self._healthy = False  # unreachable: skipped until the probe sees it

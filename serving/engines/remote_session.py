@@ -63,7 +63,7 @@ from ensemble.types import GenerationRequest, NextTokens
 from serving.config import OpenAIExpertConfig
 from serving.engines.candidates import MAX_BYTE_LOOKAHEAD, REPLACEMENT, TAIL_TOKENS, renormalised
 from serving.engines.prompts import check_room
-from serving.engines.remote import UNREACHABLE, _Retryable, client_error
+from serving.engines.remote import RETRYABLE, _Retryable, client_error
 from serving.errors import ExpertError
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ async def post_json(
                 if response.status >= 400:
                     raise client_error(name, response.status, text)
                 return json.loads(text)
-        except UNREACHABLE as exc:
+        except RETRYABLE as exc:
             if attempt == config.retries:
                 raise ExpertError(f"expert {name} failed: {exc}") from exc
             await asyncio.sleep(config.backoff_s * 2**attempt)
