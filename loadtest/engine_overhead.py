@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
-from serving.config import load_config
+from serving.config import TransformersExpertConfig, load_config
 from serving.engines.transformers import TransformersEngine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config)
     for name, expert in config.experts.items():
+        assert isinstance(expert, TransformersExpertConfig), f"{name}: not a transformers expert"
         engine = TransformersEngine(name, expert)
         asyncio.run(engine.start())
         ours, theirs = [], []

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ensemble.fuse import FusionStrategy
 from ensemble.types import ChatMessage, EnsembleTrace, GenerationRequest, SamplingParams
-from serving.config import load_config
+from serving.config import TransformersExpertConfig, load_config
 from serving.engines.transformers import TransformersEngine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,8 +55,14 @@ async def timed_fusion(
 
 async def main(tokens: int, rounds: int) -> None:
     config = load_config(ROOT / "configs" / "default.yaml", check_artifacts=False)
-    smollm2 = TransformersEngine("smollm2-135m-instruct", config.experts["smollm2-135m-instruct"])
-    gemma = TransformersEngine("gemma3-270m", config.experts["gemma3-270m"])
+    smollm2_config, gemma_config = (
+        config.experts["smollm2-135m-instruct"],
+        config.experts["gemma3-270m"],
+    )
+    assert isinstance(smollm2_config, TransformersExpertConfig)
+    assert isinstance(gemma_config, TransformersExpertConfig)
+    smollm2 = TransformersEngine("smollm2-135m-instruct", smollm2_config)
+    gemma = TransformersEngine("gemma3-270m", gemma_config)
     await smollm2.start()
     await gemma.start()
     made: dict[str, int] = defaultdict(int)

@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +42,7 @@ from ensemble.types import (  # noqa: E402
     GenerationRequest,
     SamplingParams,
 )
-from serving.config import OpenAIExpertConfig, load_config  # noqa: E402
+from serving.config import OpenAIExpertConfig, TransformersExpertConfig, load_config  # noqa: E402
 from serving.engines.remote import RemoteOpenAIEngine  # noqa: E402
 from serving.engines.remote_session import RemoteSession, post_json  # noqa: E402
 from serving.engines.transformers import TransformersEngine  # noqa: E402
@@ -130,16 +131,16 @@ async def fused(
 
 async def bench(
     url: str, model: str, tokens: int, rounds: int, skip_fuse: bool
-) -> dict[str, list[tuple]]:
+) -> dict[str, list[tuple[int, float, int]]]:
     config = OpenAIExpertConfig(engine="openai", base_url=f"{url}/v1", model=model)
     remote = RemoteOpenAIEngine("remote", config)
-    local = TransformersEngine(
-        "local", load_config(DEFAULT_CONFIG).experts["smollm2-135m-instruct"]
-    )
+    local_config = load_config(DEFAULT_CONFIG).experts["smollm2-135m-instruct"]
+    assert isinstance(local_config, TransformersExpertConfig)
+    local = TransformersEngine("local", local_config)
     await remote.start()
     await local.start()
-    runs: dict[str, list[tuple]] = defaultdict(list)
-    variants = {
+    runs: dict[str, list[tuple[int, float, int]]] = defaultdict(list)
+    variants: dict[str, Callable[[GenerationRequest], Awaitable[tuple[int, float, int]]]] = {
         "vllm greedy (chat stream)": lambda r: vllm_greedy(remote, r),
         "session, 1 token/request": lambda r: session_run(remote, r, 1, False),
         "session, drafted (up to 8)": lambda r: session_run(remote, r, 8, False),
