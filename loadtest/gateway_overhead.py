@@ -308,9 +308,7 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"# vLLM ready in {vllm.wait_ready(600):.0f}s", flush=True)
         if gateway_cpus is not None:  # the client (this process) and Chorus, which inherits it
             os.sched_setaffinity(0, gateway_cpus)
-            print(
-                f"# cores: vLLM {sorted(vllm_cpus or ())}, client and Chorus {sorted(gateway_cpus)}"
-            )
+            print(f"# {cores_note(vllm_cpus, gateway_cpus)}")
         config = chorus_config(vllm_url, work)
         profile = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
         chorus, chorus_url = start_chorus(config, python_args=profile)

@@ -170,10 +170,10 @@ class RemoteOpenAIEngine:
         if self._client is None:
             raise ServiceUnavailableError(f"expert {self.name} is not started")
         body = self._body(request)
+        url = f"{self.base_url}/chat/completions"
         for attempt in range(self.config.retries + 1):
             received = False
             try:
-                url = f"{self.base_url}/chat/completions"
                 async with self._client.post(url, json=body) as response:
                     if response.status >= 500:
                         raise _Retryable(f"HTTP {response.status}")
