@@ -607,7 +607,7 @@ def start_vllm(
     model_dir: str,
     *,
     served_name: str,
-    dtype: str = "bfloat16",
+    dtype: str = "float32",
     kv_cache_gib: int = 1,
     cpus: set[int] | None = None,
 ) -> tuple[Subprocess, str]:

@@ -426,6 +426,17 @@ def _cross_check(config: Config, base_dir: Path) -> list[tuple[str, str]]:
                             "(only the top logprobs)",
                         )
                     )
+                if (
+                    isinstance(member_config, VllmExpertConfig)
+                    and member_config.engine_args.get("max_logprobs") != -1
+                ):
+                    problems.append(
+                        (
+                            f"experts.{member}.engine_args.max_logprobs",
+                            f"pool {pool_name!r} uses `dynamic` weighting, which needs whole "
+                            "next-token distributions from vLLM: set `max_logprobs: -1`",
+                        )
+                    )
         if isinstance(strategy, FuseStrategyConfig):
             for name in set(strategy.weights) - set(pool.experts):
                 problems.append(

@@ -1,6 +1,7 @@
 """Errors the gateway raises, each rendered as an OpenAI-shaped error with a matching status.
 
-GatewayError
+GatewayError                   500 internal_error
+├── InternalError              500 internal_error (a defect; logged, never detailed)
 ├── InvalidRequestError        400 invalid_request_error
 │   └── ContextLengthError     400 invalid_request_error, code context_length_exceeded
 ├── ModelNotFoundError         404 model_not_found
@@ -9,13 +10,17 @@ GatewayError
 ├── ServiceUnavailableError    503 service_unavailable (loading, overloaded, shutting down)
 ├── DeadlineExceededError      504 timeout (the request ran past `request_timeout_s`)
 └── ExpertError                502 expert_error (an engine failed)
+    └── ExpertTimeoutError     504 timeout, code expert_timeout
+
+Engines and strategies raise `ensemble.errors.EngineError`s; `http_error` maps them here, at
+the one seam where a request's stream is read (`serving.service`).
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ensemble.errors import ExpertFailed
+from ensemble import errors as engine
 
 
 def error_body(
@@ -46,6 +51,10 @@ class GatewayError(Exception):
 
     def to_dict(self) -> dict[str, Any]:
         return error_body(self.message, self.error_type, self.param, self.code)
+
+
+class InternalError(GatewayError):
+    """A defect in the gateway: no detail reaches the client (it is logged)."""
 
 
 class InvalidRequestError(GatewayError):
@@ -86,7 +95,7 @@ class DeadlineExceededError(GatewayError):
     default_code = "request_timeout"
 
 
-class ExpertError(GatewayError, ExpertFailed):
+class ExpertError(GatewayError):
     status_code = 502
     error_type = "expert_error"
 
@@ -95,3 +104,18 @@ class ExpertTimeoutError(ExpertError):
     status_code = 504
     error_type = "timeout"
     default_code = "expert_timeout"
+
+
+def http_error(exc: engine.EngineError) -> GatewayError:
+    """The HTTP error a client sees for an engine's error."""
+    if isinstance(exc, engine.ExpertTimedOut):
+        return ExpertTimeoutError(exc.message)
+    if isinstance(exc, engine.ExpertFailed):
+        return ExpertError(exc.message)
+    if isinstance(exc, engine.PromptTooLong):
+        return ContextLengthError(exc.message, param=exc.param or "messages")
+    if isinstance(exc, engine.RequestRejected):
+        return InvalidRequestError(exc.message, param=exc.param)
+    if isinstance(exc, engine.ExpertUnavailable):
+        return ServiceUnavailableError(exc.message)
+    return ExpertError(exc.message)

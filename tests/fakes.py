@@ -7,8 +7,8 @@ import math
 import threading
 from collections.abc import AsyncGenerator
 
+from ensemble.errors import ExpertFailed
 from ensemble.types import Candidate, GenerationChunk, GenerationRequest, NextTokens, TokenLogprob
-from serving.errors import ExpertError
 
 
 class FakeEngine:
@@ -50,7 +50,7 @@ class FakeEngine:
         try:
             for i, word in enumerate(self.words):
                 if i == self.fail_after:
-                    raise ExpertError(f"expert {self.name} failed: scripted")
+                    raise ExpertFailed(f"expert {self.name} failed: scripted")
                 if i == self.stall_after:
                     await asyncio.sleep(3600)
                 last = i == len(self.words) - 1
@@ -109,7 +109,7 @@ class ScriptedSamples:
 
 class ScriptedSessionEngine:
     """An engine whose decode sessions propose `text` one character a step (probability 0.9),
-    then end. `fail_at` makes step number `fail_at` (from 0) raise `ExpertError`; `stall_at`
+    then end. `fail_at` makes step number `fail_at` (from 0) raise `ExpertFailed`; `stall_at`
     makes it hang instead. Sessions record the text they were given."""
 
     def __init__(
@@ -145,7 +145,7 @@ class ScriptedSessionEngine:
 
     async def open_session(self, request: GenerationRequest) -> ScriptedSession:  # noqa: ARG002
         if self.fail_open:
-            raise ExpertError(f"expert {self.name} failed: scripted")
+            raise ExpertFailed(f"expert {self.name} failed: scripted")
         session = ScriptedSession(self)
         self.sessions.append(session)
         return session
@@ -163,7 +163,7 @@ class ScriptedSession:
     async def top_k(self, k: int, *, full: bool = False) -> NextTokens:  # noqa: ARG002
         step, self.steps = self.steps, self.steps + 1
         if step == self.engine.fail_at:
-            raise ExpertError(f"expert {self.expert} failed: scripted")
+            raise ExpertFailed(f"expert {self.expert} failed: scripted")
         if step == self.engine.stall_at:
             await asyncio.sleep(3600)
         position = len(self.seen)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ensemble.errors import PromptTooLong
 from ensemble.types import GenerationRequest
-from serving.errors import ContextLengthError
 
 
 def chat_prompt_ids(
@@ -22,11 +22,11 @@ def chat_prompt_ids(
 
 
 def check_room(context_window: int, prompt_tokens: int, max_tokens: int | None) -> int:
-    """Tokens left for the completion; a prompt (and `max_tokens`) that does not fit is a 400."""
+    """Tokens left for the completion; a prompt (and `max_tokens`) that does not fit is refused."""
     room = context_window - prompt_tokens
     if room <= 0 or (max_tokens is not None and max_tokens > room):
         asked = max_tokens or 1
-        raise ContextLengthError(
+        raise PromptTooLong(
             f"This model's maximum context length is {context_window} tokens. "
             f"However, you requested {prompt_tokens + asked} tokens "
             f"({prompt_tokens} in the messages, {asked} in the completion).",

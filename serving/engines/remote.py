@@ -2,8 +2,10 @@
 
 Requests stream through `POST {base_url}/chat/completions`. Connection errors and 5xx answers are
 retried with exponential backoff, but only before the first byte of output: after that, a lost
-connection is reported as an `ExpertError` (an SSE error event for streaming clients), never
-silently restarted. A background probe (`GET {base_url}/models`) keeps `ready` current.
+connection is reported as `ExpertFailed` (an SSE error event for streaming clients), never
+silently restarted; so is an answer that is not what the OpenAI API writes (a line that is not
+JSON, a choice without its `index`, ...): another expert may still answer. A background probe
+(`GET {base_url}/models`) keeps `ready` current.
 
 The HTTP client is aiohttp: at 32 concurrent 16-token streams from `vllm serve` it spends 0.28x
 httpx's CPU per request (0.81 against 2.95 ms, loadtest/http_client_bench.py; httpcore's pool walks
@@ -18,12 +20,13 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from ensemble.engine import DecodeSession
+from ensemble.errors import EngineError, ExpertFailed, ExpertUnavailable, RequestRejected
 from ensemble.types import (
     FinishReason,
     GenerationChunk,
@@ -32,7 +35,6 @@ from ensemble.types import (
     TopLogprob,
 )
 from serving.config import OpenAIExpertConfig
-from serving.errors import ExpertError, InvalidRequestError, ServiceUnavailableError
 
 if TYPE_CHECKING:
     from serving.engines.remote_session import TokenTexts
@@ -94,7 +96,7 @@ class RemoteOpenAIEngine:
         from serving.engines.remote_session import TokenTexts, open_remote_session
 
         if self._client is None:
-            raise ServiceUnavailableError(f"expert {self.name} is not started")
+            raise ExpertUnavailable(f"expert {self.name} is not started")
         if self._token_texts is None or self._token_texts.client is not self._client:
             self._token_texts = TokenTexts(self._client, self.config, self.name)
         return await open_remote_session(
@@ -168,7 +170,7 @@ class RemoteOpenAIEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if self._client is None:
-            raise ServiceUnavailableError(f"expert {self.name} is not started")
+            raise ExpertUnavailable(f"expert {self.name} is not started")
         body = self._body(request)
         url = f"{self.base_url}/chat/completions"
         for attempt in range(self.config.retries + 1):
@@ -187,23 +189,42 @@ class RemoteOpenAIEngine:
                 if received or attempt == self.config.retries:
                     if not isinstance(exc, _Retryable):
                         self._healthy = False  # unreachable: skipped until the probe sees it
-                    raise ExpertError(f"expert {self.name} failed: {exc}") from exc
+                    raise ExpertFailed(f"expert {self.name} failed: {exc}") from exc
                 delay = self.config.backoff_s * 2**attempt
                 logger.warning("expert %s: %s; retrying in %.2fs", self.name, exc, delay)
                 await asyncio.sleep(delay)
             except aiohttp.ClientError as exc:  # read timeouts, a connection cut mid-stream
-                raise ExpertError(f"expert {self.name} failed mid-answer: {exc!r}") from exc
+                raise ExpertFailed(f"expert {self.name} failed mid-answer: {exc!r}") from exc
 
 
-def client_error(name: str, status: int, text: str) -> Exception:
+def client_error(name: str, status: int, text: str) -> EngineError:
     """A 4xx answer as the error to raise: 400 is the client's request, as the expert judged it."""
     try:
         message = json.loads(text)["error"]["message"]
     except (ValueError, KeyError, TypeError):
         message = text[:500]
     if status == 400:
-        return InvalidRequestError(message)
-    return ExpertError(f"expert {name} refused the request (HTTP {status}): {message}")
+        return RequestRejected(message)
+    return ExpertFailed(f"expert {name} refused the request (HTTP {status}): {message}")
+
+
+@contextlib.contextmanager
+def reading(name: str, what: str) -> Iterator[None]:
+    """Around the reading of an expert's answer: one that is not JSON, lacks a field or holds one
+    of the wrong kind is the expert's failure (`ExpertFailed`, so another expert may answer),
+    never a bare ValueError, KeyError or TypeError."""
+    try:
+        yield
+    except (ValueError, LookupError, TypeError, AttributeError) as exc:
+        raise ExpertFailed(f"expert {name} sent a malformed {what}: {_wrong(exc)}") from exc
+
+
+def _wrong(exc: Exception) -> str:
+    if isinstance(exc, KeyError):
+        return f"no {exc.args[0]!r} field"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not JSON ({exc})"
+    return str(exc) or type(exc).__name__
 
 
 async def _chunks(
@@ -221,29 +242,53 @@ async def _chunks(
             # per request costs both servers CPU and a handshake (loadtest/gateway_overhead.py).
             done = True
             continue
-        event = json.loads(data)
-        if "error" in event:
-            raise ExpertError(f"expert {name} failed mid-answer: {event['error'].get('message')}")
-        for choice in event.get("choices") or []:
-            text = (choice.get("delta") or {}).get("content") or ""
-            finish = choice.get("finish_reason")
-            logprobs = tuple(
-                TokenLogprob(
-                    item["token"],
-                    item["logprob"],
-                    tuple(
-                        TopLogprob(t["token"], t["logprob"]) for t in item.get("top_logprobs", [])
-                    ),
-                )
-                for item in ((choice.get("logprobs") or {}).get("content") or [])
+        with reading(name, "stream event"):
+            chunks = _event_chunks(name, json.loads(data))
+        for chunk in chunks:
+            yield chunk
+
+
+def _event_chunks(name: str, event: Any) -> list[GenerationChunk]:
+    """One SSE event's chunks (read within `reading`: a missing or mistyped field raises)."""
+    event = field_object(event, "the event")
+    if "error" in event:
+        error = event["error"]
+        message = error.get("message") if isinstance(error, dict) else error
+        raise ExpertFailed(f"expert {name} failed mid-answer: {message}")
+    chunks = []
+    for choice in event.get("choices") or []:
+        choice = field_object(choice, "a choice")
+        text = field_object(choice.get("delta"), "`delta`").get("content") or ""
+        if not isinstance(text, str):
+            raise TypeError(f"`content` is a JSON {type(text).__name__}, not text")
+        finish = choice.get("finish_reason")
+        logprobs = tuple(
+            TokenLogprob(
+                str(item["token"]),
+                float(item["logprob"]),
+                tuple(
+                    TopLogprob(str(t["token"]), float(t["logprob"]))
+                    for t in item.get("top_logprobs") or []
+                ),
             )
-            if text or finish or logprobs:
-                reason: FinishReason | None = None
-                if finish:  # tool_calls, content_filter: the answer ended all the same
-                    reason = "length" if finish == "length" else "stop"
-                yield GenerationChunk(name, choice["index"], text, 0, 0, logprobs, reason)
-        usage = event.get("usage")
-        if usage:
-            yield GenerationChunk(
-                name, 0, "", usage.get("completion_tokens", 0), usage.get("prompt_tokens", 0)
-            )
+            for item in field_object(choice.get("logprobs"), "`logprobs`").get("content") or []
+        )
+        if text or finish or logprobs:
+            reason: FinishReason | None = None
+            if finish:  # tool_calls, content_filter: the answer ended all the same
+                reason = "length" if finish == "length" else "stop"
+            chunks.append(GenerationChunk(name, int(choice["index"]), text, 0, 0, logprobs, reason))
+    usage = field_object(event.get("usage"), "`usage`")
+    if usage:
+        completion, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
+        chunks.append(GenerationChunk(name, 0, "", int(completion or 0), int(prompt or 0)))
+    return chunks
+
+
+def field_object(value: Any, what: str) -> dict[str, Any]:
+    """`value` as a JSON object (None, for an optional one left out: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"{what} is a JSON {type(value).__name__}, not an object")
+    return value

@@ -43,7 +43,8 @@ is only part of a UTF-8 character is completed greedily when it is the top one (
 up to 4 tokens), else dropped.
 
 Connection errors and 5xx answers are retried with the engine's backoff (every request here is
-idempotent); 4xx answers are errors at once.
+idempotent); 4xx answers are errors at once. An answer that is not JSON or lacks a field this
+module reads is the expert's failure (`ExpertFailed`), named with the request it answered.
 """
 
 from __future__ import annotations
@@ -53,18 +54,19 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 
+from ensemble.errors import ExpertFailed
 from ensemble.types import GenerationRequest, NextTokens
 from serving.config import OpenAIExpertConfig
 from serving.engines.candidates import MAX_BYTE_LOOKAHEAD, REPLACEMENT, TAIL_TOKENS, renormalised
 from serving.engines.prompts import check_room
-from serving.engines.remote import RETRYABLE, _Retryable, client_error
-from serving.errors import ExpertError
+from serving.engines.remote import RETRYABLE, _Retryable, client_error, field_object, reading
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ MAX_LOOKAHEAD = 8  # most greedy tokens drafted in one request
 SEPARATOR = "\u241e"  # ␞, between tokens detokenized together
 
 TokenKind = Literal["text", "end", "special"]
+T = TypeVar("T")
 
 
 def server_root(base_url: str) -> str:
@@ -82,30 +85,41 @@ def server_root(base_url: str) -> str:
     return base[: -len("/v1")] if base.endswith("/v1") else base
 
 
+def _as_is(answer: Any) -> Any:
+    return answer
+
+
 async def post_json(
     client: aiohttp.ClientSession,
     config: OpenAIExpertConfig,
     name: str,
     url: str,
     body: dict[str, Any],
-) -> Any:
-    """POST with the engine's retry policy: connection errors and 5xx, with backoff."""
+    read: Callable[[Any], T] = _as_is,
+) -> T:
+    """POST with the engine's retry policy: connection errors and 5xx, with backoff. The JSON
+    answer is passed through `read`, which takes out what the caller needs: an answer that is
+    not JSON, or that `read` cannot take apart (a missing field, a wrong kind), raises
+    `ExpertFailed`."""
     for attempt in range(config.retries + 1):
         try:
             async with client.post(url, json=body) as response:
                 if response.status >= 500:
                     raise _Retryable(f"HTTP {response.status}")
-                text = await response.text()
+                raw = await response.read()
                 if response.status >= 400:
-                    raise client_error(name, response.status, text)
-                return json.loads(text)
+                    raise client_error(name, response.status, raw.decode(errors="replace"))
+                break
         except RETRYABLE as exc:
             if attempt == config.retries:
-                raise ExpertError(f"expert {name} failed: {exc}") from exc
+                raise ExpertFailed(f"expert {name} failed: {exc}") from exc
             await asyncio.sleep(config.backoff_s * 2**attempt)
-        except (aiohttp.ClientError, ValueError) as exc:  # cut off, or not JSON
-            raise ExpertError(f"expert {name} failed: {exc!r}") from exc
-    raise AssertionError("unreachable")
+        except aiohttp.ClientError as exc:  # cut off
+            raise ExpertFailed(f"expert {name} failed: {exc!r}") from exc
+    else:
+        raise AssertionError("unreachable")
+    with reading(name, f"answer to POST {urlsplit(url).path}"):
+        return read(json.loads(raw))
 
 
 class TokenTexts:
@@ -185,8 +199,9 @@ class TokenTexts:
             "allowed_token_ids": [token],
         }
         self.requests += 1
-        out = await post_json(self.client, self.config, self.name, self.completions_url, body)
-        choice = out["choices"][0]
+        choice = await post_json(
+            self.client, self.config, self.name, self.completions_url, body, _first_choice
+        )
         if choice.get("text"):
             return "text"
         stopped = choice.get("finish_reason") == "stop" and choice.get("stop_reason") in (
@@ -201,14 +216,14 @@ class TokenTexts:
     async def detokenize(self, ids: Sequence[int]) -> str:
         self.requests += 1
         body = {"model": self.config.model, "tokens": list(ids)}
-        out = await post_json(self.client, self.config, self.name, f"{self.root}/detokenize", body)
-        return str(out["prompt"])
+        url = f"{self.root}/detokenize"
+        return await post_json(self.client, self.config, self.name, url, body, _detokenized)
 
     async def tokenize(self, text: str) -> list[int]:
         self.requests += 1
         body = {"model": self.config.model, "prompt": text, "add_special_tokens": False}
-        out = await post_json(self.client, self.config, self.name, f"{self.root}/tokenize", body)
-        return [int(t) for t in out["tokens"]]
+        url = f"{self.root}/tokenize"
+        return await post_json(self.client, self.config, self.name, url, body, _tokenized)
 
 
 @dataclass(slots=True)
@@ -238,9 +253,14 @@ async def open_remote_session(
         "messages": [{"role": m.role, "content": m.content} for m in request.messages],
         "add_generation_prompt": True,
     }
-    out = await post_json(client, config, name, f"{texts.root}/tokenize", body)
-    prompt_ids = [int(t) for t in out["tokens"]]
-    window = int(out.get("max_model_len") or config.context_window)
+    prompt_ids, window = await post_json(
+        client,
+        config,
+        name,
+        f"{texts.root}/tokenize",
+        body,
+        lambda out: (_tokenized(out), int(out.get("max_model_len") or config.context_window)),
+    )
     max_tokens = request.params.max_tokens
     room = check_room(window, len(prompt_ids), max_tokens)
     limit = len(prompt_ids) + (max_tokens or room)
@@ -315,7 +335,7 @@ class RemoteSession:
         transformers session, with the entropy estimated from the top logprobs and no whole
         distribution (`full` cannot be honoured remotely)."""
         if self.closed:
-            raise ExpertError(f"expert {self.expert}: the decode session is closed")
+            raise ExpertFailed(f"expert {self.expert}: the decode session is closed")
         ids = await self._ids()
         ranked = await self._view(ids, k)
         await self.texts.learn([t for t, _ in ranked])
@@ -369,22 +389,10 @@ class RemoteSession:
             "return_tokens_as_token_ids": True,
         }
         self.completions += 1
-        out = await post_json(
-            self.client, self.config, self.expert, self.texts.completions_url, body
+        chosen, views, ended = await post_json(
+            self.client, self.config, self.expert, self.texts.completions_url, body, _drafted
         )
-        choice = out["choices"][0]
-        logprobs = choice.get("logprobs") or {}
-        chosen = [_token_id(t) for t in logprobs.get("tokens") or []]
-        views = [
-            sorted(((_token_id(t), float(lp)) for t, lp in (top or {}).items()), key=_by_logprob)
-            for top in logprobs.get("top_logprobs") or []
-        ]
-        if not views or len(views) != len(chosen):
-            raise ExpertError(f"expert {self.expert}: the server returned no logprobs")
-        if choice.get("finish_reason") == "stop" and choice.get("stop_reason") in (
-            None,
-            chosen[-1],
-        ):
+        if ended:
             self.texts.mark_end(chosen[-1])  # the server ended the answer on this token
         return _Draft(tuple(ids), chosen, views)
 
@@ -401,12 +409,9 @@ class RemoteSession:
             "return_tokens_as_token_ids": True,
         }
         self.completions += 1
-        out = await post_json(
-            self.client, self.config, self.expert, self.texts.completions_url, body
+        following, following_lps = await post_json(
+            self.client, self.config, self.expert, self.texts.completions_url, body, _followed
         )
-        logprobs = out["choices"][0].get("logprobs") or {}
-        following = [_token_id(t) for t in logprobs.get("tokens") or []]
-        following_lps = [float(x) for x in logprobs.get("token_logprobs") or []]
         path, total = [token], lp
         for nxt, nxt_lp in zip([None, *following], [0.0, *following_lps], strict=False):
             if nxt is not None:
@@ -424,11 +429,72 @@ class RemoteSession:
         self.segments = []
 
 
-def _token_id(token: str) -> int:
+# What is read of each answer, within `post_json`'s `reading`: a missing field or one of the
+# wrong kind raises there, and comes out as the expert's failure.
+
+
+def _tokenized(out: Any) -> list[int]:
+    """`/tokenize`: the token ids."""
+    tokens = out["tokens"]
+    if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+        raise TypeError("`tokens` is not a list of token ids")
+    return tokens
+
+
+def _detokenized(out: Any) -> str:
+    """`/detokenize`: the text."""
+    text = out["prompt"]
+    if not isinstance(text, str):
+        raise TypeError(f"`prompt` is a JSON {type(text).__name__}, not text")
+    return text
+
+
+def _first_choice(out: Any) -> dict[str, Any]:
+    """`/v1/completions`: its (only) choice."""
+    return field_object(out["choices"][0], "a choice")
+
+
+def _logprobs(out: Any) -> dict[str, Any]:
+    return field_object(_first_choice(out).get("logprobs"), "`logprobs`")
+
+
+def _drafted(out: Any) -> tuple[list[int], list[list[tuple[int, float]]], bool]:
+    """`/v1/completions` with top logprobs: the greedy tokens, the top logprobs before each
+    (best first), and whether the server ended the answer on the last token."""
+    choice, logprobs = _first_choice(out), _logprobs(out)
+    chosen = [_token_id(t) for t in logprobs.get("tokens") or []]
+    views = [
+        sorted(
+            (
+                (_token_id(t), float(lp))
+                for t, lp in field_object(top, "an entry of `top_logprobs`").items()
+            ),
+            key=_by_logprob,
+        )
+        for top in logprobs.get("top_logprobs") or []
+    ]
+    if not views or len(views) != len(chosen):
+        raise ValueError("no logprobs for its tokens")
+    ended = choice.get("finish_reason") == "stop" and choice.get("stop_reason") in (
+        None,
+        chosen[-1],
+    )
+    return chosen, views, ended
+
+
+def _followed(out: Any) -> tuple[list[int], list[float]]:
+    """`/v1/completions` with the chosen tokens' logprobs: those tokens and logprobs."""
+    logprobs = _logprobs(out)
+    tokens = [_token_id(t) for t in logprobs.get("tokens") or []]
+    return tokens, [float(x) for x in logprobs.get("token_logprobs") or []]
+
+
+def _token_id(token: Any) -> int:
     """`token_id:123` (vLLM's `return_tokens_as_token_ids` form) -> 123."""
-    with contextlib.suppress(ValueError):
-        return int(token.rsplit(":", 1)[-1])
-    raise ExpertError(f"the server did not return token ids: {token[:40]!r}")
+    if isinstance(token, str):
+        with contextlib.suppress(ValueError):
+            return int(token.rsplit(":", 1)[-1])
+    raise ValueError(f"not a token id (`return_tokens_as_token_ids`): {str(token)[:40]!r}")
 
 
 def _by_logprob(item: tuple[int, float]) -> tuple[float, int]:

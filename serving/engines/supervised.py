@@ -2,7 +2,7 @@
 
 An expert that takes longer than `first_token_timeout_s` to start answering, or stalls longer than
 `token_timeout_s` between two pieces of output, is cut off: its stream is closed (which stops its
-work) and an `ExpertTimeoutError` raised, so strategies treat it like any failed expert (fall back,
+work) and an `ExpertTimedOut` raised, so strategies treat it like any failed expert (fall back,
 or continue with the experts left). The same limits apply to decode sessions: the first view of
 the next token may take `first_token_timeout_s` (prefill), every later call `token_timeout_s`.
 """
@@ -15,8 +15,8 @@ from contextlib import aclosing
 from typing import TypeVar
 
 from ensemble.engine import DecodeSession, Engine, SessionEngine
+from ensemble.errors import ExpertTimedOut
 from ensemble.types import GenerationChunk, GenerationRequest, NextTokens
-from serving.errors import ExpertTimeoutError
 
 T = TypeVar("T")
 
@@ -111,9 +111,7 @@ async def _within(work: Awaitable[T], seconds: float, expert: str, what: str) ->
         async with asyncio.timeout(seconds):  # unlike wait_for, no task per call (per token)
             return await work
     except TimeoutError:
-        raise ExpertTimeoutError(
-            f"expert {expert} timed out: no {what} within {seconds:g}s"
-        ) from None
+        raise ExpertTimedOut(f"expert {expert} timed out: no {what} within {seconds:g}s") from None
 
 
 def supervise(engine: Engine, first_token_timeout_s: float, token_timeout_s: float) -> Engine:

@@ -39,6 +39,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ensemble.engine import DecodeSession
+from ensemble.errors import ExpertFailed, ExpertUnavailable
 from ensemble.types import (
     FinishReason,
     GenerationChunk,
@@ -54,7 +55,6 @@ from serving.engines.prompts import chat_prompt_ids, check_room
 from serving.engines.sampling import logprobs_of, sample
 from serving.engines.session import TransformersSession
 from serving.engines.text import SampleText
-from serving.errors import ExpertError, ServiceUnavailableError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -111,7 +111,7 @@ class TransformersEngine:
 
     async def aclose(self) -> None:
         self._model = None
-        self._scheduler.abort(ServiceUnavailableError(f"expert {self.name} was shut down"))
+        self._scheduler.abort(ExpertUnavailable(f"expert {self.name} was shut down"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _load(self) -> None:
@@ -124,7 +124,7 @@ class TransformersEngine:
         model.to(self.config.device).eval()
         template = load_chat_template(self.config.chat_template)
         if template is None and not tokenizer.chat_template:
-            raise ExpertError(
+            raise ExpertFailed(
                 f"expert {self.name}: the tokenizer has no chat template; set `chat_template` "
                 "(for example `plain`) in the config"
             )
@@ -150,7 +150,7 @@ class TransformersEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if not self.ready:
-            raise ServiceUnavailableError(f"expert {self.name} is not loaded yet")
+            raise ExpertUnavailable(f"expert {self.name} is not loaded yet")
         stream = _Stream(asyncio.get_running_loop())
         try:
             await self._run(self._begin, request, stream)
@@ -168,7 +168,7 @@ class TransformersEngine:
 
     async def open_session(self, request: GenerationRequest) -> DecodeSession:
         if not self.ready:
-            raise ServiceUnavailableError(f"expert {self.name} is not loaded yet")
+            raise ExpertUnavailable(f"expert {self.name} is not loaded yet")
         prompt_ids = await self._run(self._checked_prompt, request)
         session = TransformersSession(self._model, self._tokenizer, prompt_ids, self._eos_ids)
         return _AsyncSession(self, session)
@@ -282,7 +282,7 @@ class _Scheduler:
                 self._tick()
         except Exception as exc:
             logger.exception("expert %s failed during decoding", self.engine.name)
-            self.abort(ExpertError(f"expert {self.engine.name} failed: {exc}"))
+            self.abort(ExpertFailed(f"expert {self.engine.name} failed: {exc}"))
             self.batch, self.feed = PaddedBatch(), torch.zeros(0, dtype=torch.long)
         if self.owners or self.pending:
             self._wake()

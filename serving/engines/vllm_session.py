@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ensemble.errors import ExpertFailed
 from ensemble.types import Candidate, NextTokens
 from serving.engines.candidates import MAX_BYTE_LOOKAHEAD, REPLACEMENT, TAIL_TOKENS, renormalised
-from serving.errors import ExpertError
 
 if TYPE_CHECKING:
     from serving.engines.vllm import VllmEngine
@@ -199,7 +199,7 @@ class VllmSession:
         view = await draft.view_for(self.ids)
         if view is None:
             error = draft.error
-            raise ExpertError(f"expert {self.expert} failed: {error}") from error
+            raise ExpertFailed(f"expert {self.expert} failed: {error}") from error
         return view
 
     def _adapt(self, draft: _Draft) -> None:
@@ -212,7 +212,7 @@ class VllmSession:
         engine_max = self._engine.max_logprobs
         if full:
             if engine_max != -1:
-                raise ExpertError(
+                raise ExpertFailed(
                     f"expert {self.expert}: whole next-token distributions (`dynamic` "
                     "weighting) need `max_logprobs: -1` in its engine_args"
                 )
@@ -225,7 +225,7 @@ class VllmSession:
 
         llm = self._engine.llm
         if llm is None:
-            raise ExpertError(f"expert {self.expert} is shut down")
+            raise ExpertFailed(f"expert {self.expert} is shut down")
         room = self._engine.context_window - len(self.ids)
         params = SamplingParams(
             max_tokens=max(1, min(self.lookahead, room)),
@@ -250,7 +250,7 @@ class VllmSession:
 
         llm = self._engine.llm
         if llm is None:
-            raise ExpertError(f"expert {self.expert} is shut down")
+            raise ExpertFailed(f"expert {self.expert} is shut down")
         ids, _ = self._retokenized(text)
         common = 0
         for a, b in zip(self.ids, ids, strict=False):
@@ -272,7 +272,7 @@ class VllmSession:
         async for output in llm.generate(TokensPrompt(prompt_token_ids=ids), params, request_id):
             final = output
         if final is None:
-            raise ExpertError(f"expert {self.expert}: vLLM returned nothing")
+            raise ExpertFailed(f"expert {self.expert}: vLLM returned nothing")
         prompt_views = [logprob_map(e or {}) for e in final.prompt_logprobs[common:]]
         sample = final.outputs[0]
         views = [*prompt_views, logprob_map(sample.logprobs[0])]

@@ -7,9 +7,9 @@ import asyncio
 import pytest
 import torch
 
+from ensemble.errors import PromptTooLong
 from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
 from serving.engines.transformers import TransformersEngine
-from serving.errors import ContextLengthError
 from tests.conftest import collect, request, texts
 
 pytestmark = pytest.mark.integration
@@ -100,9 +100,9 @@ def test_logprobs_cover_every_token_and_greedy_picks_the_top(smollm2: Transforme
 
 
 def test_prompt_longer_than_the_context_window_is_refused(smollm2: TransformersEngine) -> None:
-    with pytest.raises(ContextLengthError, match="maximum context length is 8192"):
+    with pytest.raises(PromptTooLong, match="maximum context length is 8192"):
         collect(smollm2, request("word " * 9000, max_tokens=4))
-    with pytest.raises(ContextLengthError):
+    with pytest.raises(PromptTooLong):
         collect(smollm2, request(QUESTION, max_tokens=9000))
 
 

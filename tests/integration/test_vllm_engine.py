@@ -7,7 +7,6 @@ event loop it started on, so every test runs on that one loop.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
@@ -16,12 +15,12 @@ import openai
 import psutil
 import pytest
 
+from ensemble.errors import PromptTooLong
 from ensemble.fuse import FusionStrategy
 from ensemble.types import EnsembleTrace, GenerationChunk, GenerationRequest
 from serving.config import load_config
 from serving.engines.vllm import VllmEngine
 from serving.engines.vllm_session import VllmSession
-from serving.errors import ContextLengthError
 from tests.conftest import DEFAULT_CONFIG, ROOT, ServerProcess, request, texts
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
@@ -36,9 +35,16 @@ class Harness:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.engine = VllmEngine(NAME, load_config(VLLM_CONFIG).experts[NAME])  # type: ignore[arg-type]
+        before = set(psutil.Process().children())
         started = time.perf_counter()
         self.run(self.engine.start())
         self.start_seconds = time.perf_counter() - started
+        # This engine's processes: the children of this process that its start spawned (the
+        # `served` fixture's vLLM processes, starting meanwhile, are that server's children).
+        spawned = set(psutil.Process().children()) - before
+        self.processes = vllm_processes(
+            [*spawned, *(p for child in spawned for p in _descendants(child))]
+        )
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -73,25 +79,31 @@ def vllm(served: ServerProcess) -> Iterator[Harness]:
     harness.loop.close()
 
 
-def engine_processes() -> list[psutil.Process]:
-    """vLLM processes under this one, in its process group (a `vllm serve` that other tests
-    started runs in a group of its own)."""
+def vllm_processes(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of `processes` that are vLLM's (its engine core, workers) and still running."""
     out = []
-    for child in psutil.Process().children(recursive=True):
+    for process in processes:
         try:
-            name = " ".join([child.name(), *child.cmdline()])
-            if os.getpgid(child.pid) != os.getpgid(0):
-                continue
-        except (psutil.Error, ProcessLookupError):
+            name = " ".join([process.name(), *process.cmdline()])
+        except psutil.Error:
             continue
-        if ("VLLM" in name or "EngineCore" in name) and _running(child):
-            out.append(child)
+        if ("VLLM" in name or "EngineCore" in name) and _running(process):
+            out.append(process)
     return out
 
 
+def _descendants(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return list(process.children(recursive=True))
+    except psutil.Error:
+        return []
+
+
 def test_generates_real_text(vllm: Harness) -> None:
+    assert vllm.engine.engine_args()["dtype"] == "float32"  # not bfloat16: wrong text on AMX CPUs
     chunks = vllm.collect(request(QUESTION, max_tokens=24, temperature=0.0))
-    assert "Paris" in texts(chunks)[0]
+    text = texts(chunks)[0]
+    assert "Paris" in text, text
     last = chunks[-1]
     assert last.finish_reason == "stop" and last.expert == NAME
     assert sum(c.tokens for c in chunks) > 3
@@ -147,7 +159,7 @@ def test_too_long_prompt_fails_before_the_first_chunk(vllm: Harness) -> None:
         stream = vllm.engine.generate(request("word " * 3000, max_tokens=4))
         await stream.__anext__()
 
-    with pytest.raises(ContextLengthError):
+    with pytest.raises(PromptTooLong):
         vllm.run(go())
 
 
@@ -276,10 +288,11 @@ def _running(process: psutil.Process) -> bool:
 
 
 def test_aclose_leaves_no_engine_process(vllm: Harness) -> None:
-    assert engine_processes(), "vLLM runs its engine core in a child process"
+    assert vllm.processes, "vLLM runs its engine core in a child process"
+    assert vllm_processes(vllm.processes), "the engine's processes ran until aclose"
     vllm.close()
     assert not vllm.engine.ready
     deadline = time.monotonic() + 20
-    while engine_processes() and time.monotonic() < deadline:
+    while vllm_processes(vllm.processes) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not engine_processes()
+    assert not vllm_processes(vllm.processes), f"orphaned engine processes: {vllm.processes}"

@@ -13,6 +13,7 @@ import pytest
 
 from ensemble.cascade import CascadeStrategy
 from ensemble.engine import Engine
+from ensemble.errors import ExpertFailed, ExpertTimedOut
 from ensemble.fuse import FusionStrategy
 from ensemble.strategy import SingleStrategy, Strategy
 from ensemble.types import (
@@ -24,7 +25,6 @@ from ensemble.types import (
 )
 from ensemble.vote import VotingStrategy
 from serving.engines.supervised import supervise
-from serving.errors import ExpertError, ExpertTimeoutError
 from tests.fakes import FakeEngine, ScriptedSamples, ScriptedSessionEngine
 
 pytestmark = pytest.mark.anyio
@@ -50,7 +50,7 @@ async def run(
 async def test_an_expert_that_never_starts_times_out_and_its_work_stops() -> None:
     inner = FakeEngine("slow", ["a", "b"], stall_after=0)
     engine = supervise(inner, first_token_timeout_s=0.2, token_timeout_s=5)
-    with pytest.raises(ExpertTimeoutError, match="slow timed out"):
+    with pytest.raises(ExpertTimedOut, match="slow timed out"):
         await collect(engine.generate(REQUEST))
     assert inner.active == 0
 
@@ -59,7 +59,7 @@ async def test_an_expert_that_stalls_mid_answer_is_cut_off() -> None:
     inner = FakeEngine("stalls", ["a", "b", "c"], stall_after=2)
     engine = supervise(inner, first_token_timeout_s=5, token_timeout_s=0.2)
     got: list[str] = []
-    with pytest.raises(ExpertTimeoutError):
+    with pytest.raises(ExpertTimedOut):
         async for chunk in engine.generate(REQUEST):
             got.append(chunk.text)
     assert got == ["a", "b"]
@@ -80,7 +80,7 @@ async def test_single_falls_back_when_the_top_expert_stalls_before_answering() -
     text, trace, _ = await run(SingleStrategy(), [stalled, FakeEngine("b", ["ok", "!"])])
     assert text == "ok!"
     assert trace.experts == ["b"]
-    assert trace.details["failed"] == ["a"]
+    assert trace.failed == ["a"]
 
 
 # -- vote ---------------------------------------------------------------------------------------
@@ -98,8 +98,8 @@ async def test_vote_takes_the_next_expert_when_the_top_one_fails(concurrent: boo
     )
     assert text == "The answer is 4"
     assert trace.experts == ["good"]
-    assert trace.details["failed"] == ["bad"]
-    assert trace.details["vote"]["escalated"] is False
+    assert trace.failed == ["bad"]
+    assert trace.vote is not None and trace.vote.escalated is False
 
 
 async def test_vote_keeps_the_top_experts_answer_when_the_escalation_fails() -> None:
@@ -108,7 +108,7 @@ async def test_vote_keeps_the_top_experts_answer_when_the_escalation_fails() -> 
     text, trace, _ = await run(voting(), [torn, stalled])
     assert text == "4"
     assert trace.experts == ["torn"]
-    assert trace.details["failed"] == ["stalled"]
+    assert trace.failed == ["stalled"]
 
 
 async def test_vote_escalates_past_a_failed_expert_to_the_one_after() -> None:
@@ -117,7 +117,7 @@ async def test_vote_escalates_past_a_failed_expert_to_the_one_after() -> None:
     text, trace, _ = await run(voting(), [torn, FakeEngine("bad", ["x"], fail_after=0), sure])
     assert text == "5"
     assert trace.experts == ["torn", "sure"]
-    assert trace.details["failed"] == ["bad"]
+    assert trace.failed == ["bad"]
 
 
 async def test_vote_fails_before_any_byte_when_every_expert_fails() -> None:
@@ -127,7 +127,7 @@ async def test_vote_fails_before_any_byte_when_every_expert_fails() -> None:
         [FakeEngine("a", ["x"], fail_after=0), FakeEngine("b", ["y"], fail_after=0)],
         trace,
     )
-    with pytest.raises(ExpertError, match="expert b failed"):
+    with pytest.raises(ExpertFailed, match="expert b failed"):
         await anext(stream)
 
 
@@ -142,7 +142,7 @@ async def test_fuse_carries_on_when_an_expert_fails_mid_answer(failing: int) -> 
     ]
     text, trace, _ = await run(FusionStrategy(), experts)
     assert text == "hello"  # the survivor caught up on the text chosen before the failure
-    assert trace.details["failed"] == [experts[failing].name]
+    assert trace.failed == [experts[failing].name]
     assert set(trace.experts) == {"a", "b"}
     assert all(s.closed for e in experts for s in e.sessions)
 
@@ -158,7 +158,7 @@ async def test_fuse_drops_an_expert_that_stalls_and_one_that_cannot_open() -> No
         ],
     )
     assert text == "hello"
-    assert sorted(trace.details["failed"]) == ["closed", "stalls"]
+    assert sorted(trace.failed) == ["closed", "stalls"]
 
 
 async def test_fuse_fails_with_the_experts_error_when_none_is_left() -> None:
@@ -166,14 +166,14 @@ async def test_fuse_fails_with_the_experts_error_when_none_is_left() -> None:
         ScriptedSessionEngine("a", "hello", fail_at=1),
         ScriptedSessionEngine("b", "hello", fail_at=1),
     ]
-    with pytest.raises(ExpertError, match="scripted"):
+    with pytest.raises(ExpertFailed, match="scripted"):
         await run(FusionStrategy(), experts)
 
 
 async def test_a_stalled_session_call_is_abandoned_promptly() -> None:
     stalls = supervise(ScriptedSessionEngine("stalls", "hi", stall_at=0), 0.2, 0.2)
     started = asyncio.get_running_loop().time()
-    with pytest.raises(ExpertTimeoutError):
+    with pytest.raises(ExpertTimedOut):
         await run(FusionStrategy(), [stalls])
     assert asyncio.get_running_loop().time() - started < 2
 
@@ -188,4 +188,4 @@ async def test_cascade_carries_on_with_the_expert_left(failing: str) -> None:
     # threshold 0: every step escalates to the strong expert while there is one
     text, trace, _ = await run(CascadeStrategy(draft="draft", threshold=0.0), [strong, draft])
     assert text == "hello"
-    assert trace.details["failed"] == [failing]
+    assert trace.failed == [failing]

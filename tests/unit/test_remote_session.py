@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,11 +12,11 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from ensemble.errors import ExpertFailed, PromptTooLong
 from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
 from serving.config import OpenAIExpertConfig
 from serving.engines.remote import RemoteOpenAIEngine
 from serving.engines.remote_session import SEPARATOR, RemoteSession, estimated_entropy
-from serving.errors import ContextLengthError
 from tests.upstream import serve
 
 # A toy tokenizer: one character per token, 0 ends the sequence, 9 is another special token.
@@ -136,8 +137,74 @@ def test_text_chosen_elsewhere_is_tokenized_and_the_draft_dropped() -> None:
 def test_a_prompt_that_leaves_no_room_is_a_context_length_error() -> None:
     async def go() -> None:
         async with started(ToyServer()) as toy:
-            with pytest.raises(ContextLengthError):
+            with pytest.raises(PromptTooLong):
                 await toy.open_session(request(WINDOW))
+
+    asyncio.run(go())
+
+
+class MalformedServer(ToyServer):
+    """The toy server, but with one kind of answer replaced by `answer` (raw bytes)."""
+
+    def __init__(self, where: str, answer: bytes) -> None:
+        super().__init__()
+        self.where, self.answer = where, answer
+
+    async def handler(self, request: web.Request) -> web.Response:
+        if request.method == "POST":
+            body = await request.json()
+            if request.path == "/tokenize":
+                kind = "prompt" if "messages" in body else "tokenize"
+            elif request.path == "/detokenize":
+                kind = "detokenize"
+            else:
+                kind = "probe" if body.get("allowed_token_ids") else "draft"
+            if kind == self.where:
+                return web.Response(body=self.answer, content_type="application/json")
+        return await super().handler(request)
+
+
+def _draft(**logprobs: Any) -> bytes:
+    lp = {"tokens": ["token_id:1"], "top_logprobs": [{"token_id:1": -0.5}], **logprobs}
+    return json.dumps(
+        {"choices": [{"text": "", "logprobs": lp, "finish_reason": "length"}]}
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("where", "answer", "path", "wrong"),
+    [
+        ("prompt", b"<html>oops</html>", "/tokenize", "not JSON"),
+        ("prompt", b'{"ids": [1, 2]}', "/tokenize", "no 'tokens' field"),
+        ("prompt", b'{"tokens": "ab"}', "/tokenize", "`tokens` is not a list of token ids"),
+        ("prompt", b'{"tokens": [1], "max_model_len": "big"}', "/tokenize", "invalid literal"),
+        ("draft", b'{"choices": [', "/v1/completions", "not JSON"),
+        ("draft", b'{"choices": []}', "/v1/completions", "list index out of range"),
+        ("draft", b'{"choices": ["a"]}', "/v1/completions", "a choice is a JSON str"),
+        ("draft", _draft(tokens=["a"]), "/v1/completions", "not a token id"),
+        (
+            "draft",
+            _draft(top_logprobs=[[1]]),
+            "/v1/completions",
+            "an entry of `top_logprobs` is a JSON list",
+        ),
+        ("draft", _draft(top_logprobs=[]), "/v1/completions", "no logprobs for its tokens"),
+        ("tokenize", b"[]", "/tokenize", "list indices must be integers"),
+        ("detokenize", b'{"prompt": 5}', "/detokenize", "`prompt` is a JSON int, not text"),
+        ("probe", b'{"choices": null}', "/v1/completions", "not subscriptable"),
+    ],
+)
+def test_a_malformed_answer_is_a_failed_expert_naming_the_request_and_what_was_wrong(
+    where: str, answer: bytes, path: str, wrong: str
+) -> None:
+    async def go() -> None:
+        async with started(MalformedServer(where, answer)) as toy:
+            with pytest.raises(ExpertFailed) as failed:
+                session = await toy.open_session(request())
+                await follow(session)
+            message = failed.value.message
+            assert f"expert toy sent a malformed answer to POST {path}: " in message
+            assert wrong in message
 
     asyncio.run(go())
 

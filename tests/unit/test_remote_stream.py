@@ -1,16 +1,20 @@
-"""The `openai` engine reads each upstream stream to its end, so its connection is reused."""
+"""The `openai` engine reads each upstream stream to its end, so its connection is reused; an
+upstream that streams something other than OpenAI's chunks is a failed expert."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 
+import pytest
 from aiohttp import web
 
-from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
+from ensemble.errors import ExpertFailed
+from ensemble.strategy import SingleStrategy
+from ensemble.types import ChatMessage, EnsembleTrace, GenerationRequest, SamplingParams
 from serving.config import OpenAIExpertConfig
 from serving.engines.remote import RemoteOpenAIEngine
-from tests.upstream import serve
+from tests.upstream import Handler, serve
 
 
 def test_stream_is_read_past_done_and_its_connection_reused() -> None:
@@ -46,3 +50,103 @@ def test_stream_is_read_past_done_and_its_connection_reused() -> None:
 
     assert asyncio.run(run()) == ["Hi"] * 3
     assert len(peers) == 1  # the probe and three streams over one connection
+
+
+REQUEST = GenerationRequest("r", (ChatMessage("user", "hello"),), SamplingParams(max_tokens=4))
+
+
+def streaming(*lines: bytes) -> Handler:
+    """An upstream that streams `lines` (then `[DONE]`) to every completion request."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.method == "GET":  # the health probe
+            return web.json_response({"data": []})
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for line in (*lines, b"data: [DONE]"):
+            await response.write(line + b"\n\n")
+        await response.write_eof()
+        return response
+
+    return handler
+
+
+def event(value: object) -> bytes:
+    return b"data: " + json.dumps(value).encode()
+
+
+HI = event({"choices": [{"index": 0, "delta": {"content": "Hi"}}]})
+TOKEN = {"token": "Hi", "logprob": -0.1, "top_logprobs": []}
+
+
+def with_logprob(item: object) -> bytes:
+    return event({"choices": [{"index": 0, "logprobs": {"content": [item]}}]})
+
+
+@pytest.mark.parametrize(
+    ("line", "wrong"),
+    [
+        (b"data: {not json", "not JSON"),
+        (b'data: {"choices": [', "not JSON"),
+        (event({"choices": [{"delta": {"content": "Hi"}}]}), "no 'index' field"),
+        (event({"choices": ["Hi"]}), "a choice is a JSON str, not an object"),
+        (event({"choices": [{"index": 0, "delta": "Hi"}]}), "`delta` is a JSON str"),
+        (
+            event({"choices": [{"index": 0, "delta": {"content": 7}}]}),
+            "`content` is a JSON int, not text",
+        ),
+        (with_logprob({"logprob": -0.1}), "no 'token' field"),
+        (with_logprob({**TOKEN, "top_logprobs": [{"token": "a"}]}), "no 'logprob' field"),
+        (with_logprob({**TOKEN, "logprob": None}), "NoneType"),
+        (event({"choices": [{"index": None, "delta": {"content": "Hi"}}]}), "NoneType"),
+        (event({"choices": [], "usage": 3}), "`usage` is a JSON int"),
+        (event([1, 2]), "the event is a JSON list, not an object"),
+    ],
+)
+def test_a_malformed_stream_is_a_failed_expert_naming_what_was_wrong(
+    line: bytes, wrong: str
+) -> None:
+    async def run() -> list[str]:
+        async with serve(streaming(HI, line)) as url:
+            config = OpenAIExpertConfig(engine="openai", base_url=f"{url}/v1", model="m")
+            engine = RemoteOpenAIEngine("up", config)
+            await engine.start()
+            got: list[str] = []
+            try:
+                with pytest.raises(ExpertFailed) as failed:
+                    async for chunk in engine.generate(REQUEST):
+                        got.append(chunk.text)
+            finally:
+                await engine.aclose()
+            assert "expert up sent a malformed stream event" in failed.value.message
+            assert wrong in failed.value.message
+            return got
+
+    assert asyncio.run(run()) == ["Hi"]  # what came before the bad line was passed on
+
+
+def test_an_expert_that_streams_nonsense_before_any_output_falls_back_to_the_next() -> None:
+    async def run() -> tuple[str, EnsembleTrace]:
+        async with (
+            serve(streaming(b"data: <html>")) as bad,
+            serve(streaming(HI)) as good,
+        ):
+            engines = [
+                RemoteOpenAIEngine(
+                    name, OpenAIExpertConfig(engine="openai", base_url=f"{url}/v1", model="m")
+                )
+                for name, url in (("bad", bad), ("good", good))
+            ]
+            for engine in engines:
+                await engine.start()
+            trace = EnsembleTrace()
+            try:
+                chunks = [c async for c in SingleStrategy().run(REQUEST, engines, trace)]
+            finally:
+                for engine in engines:
+                    await engine.aclose()
+            return "".join(c.text for c in chunks), trace
+
+    text, trace = asyncio.run(run())
+    assert text == "Hi"
+    assert trace.failed == ["bad"] and trace.experts == ["good"]

@@ -52,3 +52,19 @@ def test_misspelt_engine_arg_is_refused_with_file_key_and_reason(tmp_path: Path)
 def test_model_belongs_outside_engine_args(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not in engine_args"):
         load_config(write(tmp_path, "{model: other}"))
+
+
+def test_dynamic_weighting_over_vllm_needs_whole_distributions_at_load(tmp_path: Path) -> None:
+    def pool(engine_args: str) -> Path:
+        path = write(tmp_path, engine_args)
+        path.write_text(
+            path.read_text()
+            + "  other: {model: bundled:smollm2-135m-instruct}\n"
+            + "pools:\n  d: {experts: [small, other], strategy: {type: fuse, weighting: dynamic}}\n"
+        )
+        return path
+
+    with pytest.raises(ConfigError) as info:
+        load_config(pool("{max_model_len: 2048}"))
+    assert "experts.small.engine_args.max_logprobs: pool 'd' uses `dynamic`" in str(info.value)
+    load_config(pool("{max_logprobs: -1}"))
