@@ -17,7 +17,13 @@ import numpy as np
 from ensemble.engine import Engine
 from ensemble.errors import ExpertFailed
 from ensemble.stepwise import StepObserver, Stepper, own_choice, session_engines
-from ensemble.types import EnsembleTrace, GenerationChunk, GenerationRequest, NextTokens
+from ensemble.types import (
+    CascadeSummary,
+    EnsembleTrace,
+    GenerationChunk,
+    GenerationRequest,
+    NextTokens,
+)
 
 
 class CascadeStrategy:
@@ -99,10 +105,5 @@ class CascadeStrategy:
             shares = stepper.shares()
             trace.experts.extend(names)
             trace.weights.extend(shares[n] for n in names)
-            if stepper.failed:
-                trace.details["failed"] = list(stepper.failed)
-            trace.details["cascade"] = {
-                "draft": names[-1],
-                "steps": stepper.steps,
-                "share": shares,
-            }
+            trace.failed.extend(stepper.failed)
+            trace.cascade = CascadeSummary(names[-1], stepper.steps, shares)

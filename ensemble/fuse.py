@@ -25,7 +25,14 @@ from ensemble import fusion
 from ensemble.engine import Engine
 from ensemble.errors import ExpertFailed
 from ensemble.stepwise import StepObserver, Stepper, own_choice, session_engines
-from ensemble.types import Candidate, EnsembleTrace, GenerationChunk, GenerationRequest, NextTokens
+from ensemble.types import (
+    Candidate,
+    EnsembleTrace,
+    FusionSummary,
+    GenerationChunk,
+    GenerationRequest,
+    NextTokens,
+)
 
 Weighting = Literal["uniform", "static", "core", "dynamic"]
 
@@ -117,14 +124,13 @@ class FusionStrategy:
                 weight_sums, fused_steps = {n: float(n == lead) for n in weight_sums}, 1
             trace.experts.extend(weight_sums)
             trace.weights.extend(round(w / fused_steps, 6) for w in weight_sums.values())
-            if stepper.failed:
-                trace.details["failed"] = list(stepper.failed)
-            trace.details["fusion"] = {
-                "weighting": self.weighting,
-                "steps": stepper.steps,
-                "share": stepper.shares(),
-                "gate_skip_rate": round(gated_steps / steps, 4) if len(engines) > 1 else 0.0,
-            }
+            trace.failed.extend(stepper.failed)
+            trace.fusion = FusionSummary(
+                self.weighting,
+                stepper.steps,
+                stepper.shares(),
+                round(gated_steps / steps, 4) if len(engines) > 1 else 0.0,
+            )
 
     async def _others(self, stepper: Stepper, full: bool) -> list[NextTokens]:
         """The views of every expert but the primary; those that fail are dropped."""

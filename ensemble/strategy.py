@@ -29,7 +29,7 @@ class SingleStrategy:
     """The top routed expert answers alone, streaming natively.
 
     If it fails before producing anything, the next routed expert answers instead (the failed
-    ones are listed in `trace.details["failed"]`); once output has been sent, a failure is final.
+    ones are listed in `trace.failed`); once output has been sent, a failure is final.
     """
 
     name = "single"
@@ -51,4 +51,4 @@ class SingleStrategy:
             except ExpertFailed:
                 if answered or position == len(experts) - 1:
                     raise
-                trace.details.setdefault("failed", []).append(expert.name)
+                trace.failed.append(expert.name)

@@ -6,7 +6,7 @@ SamplingParams for the same reason), and nothing here imports a web or model fra
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 FinishReason = Literal["stop", "length"]
@@ -78,16 +78,59 @@ class GenerationChunk:
     keepalive: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class VoteSummary:
+    """How a vote went: answers counted, the winner, its weighted share, whether it escalated."""
+
+    answers: dict[str, int]
+    answer: str | None
+    agreement: float
+    escalated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FusionSummary:
+    """How a fusion went: its weighting, steps taken, each expert's share of the chosen pieces,
+    and the share of steps the primary decided alone."""
+
+    weighting: str
+    steps: int
+    share: dict[str, float]
+    gate_skip_rate: float
+
+
+@dataclass(frozen=True, slots=True)
+class CascadeSummary:
+    """How a cascade went: its draft expert, steps taken, each expert's share of the pieces."""
+
+    draft: str
+    steps: int
+    share: dict[str, float]
+
+
 @dataclass(slots=True)
 class EnsembleTrace:
     """What a strategy did, filled in as it runs; served as the `chorus` response object.
 
-    `details` holds strategy-specific metadata under its own key (for example `vote`).
+    `experts` and `weights` are final once the strategy's stream has ended (token-level
+    strategies fill them as they close). `failed` lists experts left out after failing.
     """
 
     experts: list[str] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
-    details: dict[str, Any] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+    vote: VoteSummary | None = None
+    fusion: FusionSummary | None = None
+    cascade: CascadeSummary | None = None
+
+    def summaries(self) -> dict[str, Any]:
+        """The strategy-specific keys of the `chorus` object (absent when empty)."""
+        out: dict[str, Any] = {"failed": list(self.failed)} if self.failed else {}
+        for key in ("vote", "fusion", "cascade"):
+            summary = getattr(self, key)
+            if summary is not None:
+                out[key] = asdict(summary)
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ expert's samples join the vote, each sample weighted by its expert's consistency
 is cancelled when the vote does not need it. The reply is the winning sample's own text.
 
 An expert that fails is skipped: the next routed expert takes its place (listed in
-`trace.details["failed"]`); the request fails only when every expert it needed has failed.
+`trace.failed`); the request fails only when every expert it needed has failed.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ensemble.types import (
     FinishReason,
     GenerationChunk,
     GenerationRequest,
+    VoteSummary,
 )
 from ensemble.voting import Sample, consistency_weights, top_share, vote
 
@@ -91,8 +92,9 @@ class VotingStrategy:
         params = replace(
             request.params,
             n=self.samples,
-            temperature=self.temperature,
-            top_p=self.top_p,
+            # The request's own sampling wins; the pool's defaults keep samples diverse.
+            temperature=_given(request.params.temperature, self.temperature),
+            top_p=_given(request.params.top_p, self.top_p),
             max_tokens=request.params.max_tokens or self.max_tokens,
             logprobs=True,  # ties are broken by mean token log-probability
         )
@@ -134,8 +136,7 @@ class VotingStrategy:
                 task.cancel()
             await asyncio.gather(*(t for t, _ in tasks.values()), return_exceptions=True)
 
-        if failed:
-            trace.details["failed"] = failed
+        trace.failed.extend(failed)
         escalated = len(runs) > 1
         samples = self._samples(runs)
         names = [run.expert for run in runs]
@@ -143,12 +144,9 @@ class VotingStrategy:
         result = vote(samples, weights)
         trace.experts.extend(names)
         trace.weights.extend(round(weights[n], 6) for n in names)
-        trace.details["vote"] = {
-            "answers": result.counts,
-            "answer": result.answer,
-            "agreement": round(result.agreement, 6),
-            "escalated": escalated,
-        }
+        trace.vote = VoteSummary(
+            result.counts, result.answer, round(result.agreement, 6), escalated
+        )
         winner = [s for run in runs for s in run.samples][result.winner]
         # Account for every sample's tokens and every expert's prompt, then re-send the winner.
         for run in runs:
@@ -201,3 +199,7 @@ class VotingStrategy:
             if not task.done():  # the client went away: stop the expert's work
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+
+
+def _given(value: float | None, default: float) -> float:
+    return default if value is None else value

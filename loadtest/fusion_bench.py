@@ -18,7 +18,13 @@ from collections import defaultdict
 from pathlib import Path
 
 from ensemble.fuse import FusionStrategy
-from ensemble.types import ChatMessage, EnsembleTrace, GenerationRequest, SamplingParams
+from ensemble.types import (
+    ChatMessage,
+    EnsembleTrace,
+    FusionSummary,
+    GenerationRequest,
+    SamplingParams,
+)
 from serving.config import TransformersExpertConfig, load_config
 from serving.engines.transformers import TransformersEngine
 
@@ -44,13 +50,14 @@ async def timed_greedy(engine: TransformersEngine, req: GenerationRequest) -> tu
 
 async def timed_fusion(
     strategy: FusionStrategy, req: GenerationRequest, engines: list[TransformersEngine]
-) -> tuple[int, float, dict[str, object]]:
+) -> tuple[int, float, FusionSummary]:
     trace = EnsembleTrace()
     started = time.perf_counter()
     async for _ in strategy.run(req, engines, trace):
         pass
     elapsed = time.perf_counter() - started
-    return int(trace.details["fusion"]["steps"]), elapsed, trace.details["fusion"]
+    assert trace.fusion is not None
+    return trace.fusion.steps, elapsed, trace.fusion
 
 
 async def main(tokens: int, rounds: int) -> None:
@@ -80,7 +87,7 @@ async def main(tokens: int, rounds: int) -> None:
                 n, seconds, details = await timed_fusion(strategy, req, [smollm2, gemma])
                 made[name] += n
                 spent[name] += seconds
-                skips[name].append(float(details["gate_skip_rate"]))  # type: ignore[arg-type]
+                skips[name].append(details.gate_skip_rate)
     speed = {name: made[name] / spent[name] for name in made}
     a, b = speed["smollm2"], speed["gemma"]
     ceiling = 1 / (1 / a + 1 / b)

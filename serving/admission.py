@@ -41,7 +41,10 @@ class ConcurrencyLimit:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), self.timeout_s)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that
+            # arrives as the slot does, and the abandoned request would then run on unseen.
+            async with asyncio.timeout(self.timeout_s):
+                await asyncio.shield(waiter)
         except BaseException as exc:  # timed out, or the client went away while waiting
             if waiter.done() and not waiter.cancelled():
                 self.release()  # the slot arrived as we gave up: pass it on

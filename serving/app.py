@@ -7,33 +7,30 @@ import hashlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from ensemble.engine import Engine
 from serving.admission import ConcurrencyLimit, RateLimit
 from serving.config import Config, key_path
-from serving.errors import (
-    DeadlineExceededError,
-    GatewayError,
-    ServiceUnavailableError,
-    error_body,
-)
+from serving.errors import GatewayError, ServiceUnavailableError, error_body
 from serving.guard import Guard
 from serving.metrics import GatewayMetrics
 from serving.protocol import ChatCompletionRequest, model_card
+from serving.request_scope import CLIENT_GONE, ClientGone, RequestScope
 from serving.runtime import Runtime
+from serving.service import ChatCall, ChatService
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def create_app(
@@ -86,57 +83,35 @@ def create_app(
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        received = time.perf_counter()
         service = runtime.service  # the request stays on this gateway, even across a reload
-        gateway = service.gateway
-        pool = body.model if body.model in gateway.targets else "unknown"
+        scope = RequestScope(
+            service.gateway,
+            body.model,
+            slots=slots,
+            timeout_s=server.request_timeout_s,
+            received=time.perf_counter(),
+        )
         try:
             if runtime.draining:
                 raise ServiceUnavailableError("Chorus is shutting down; retry on another replica.")
             if rate is not None:
                 rate.check(_client_key(request))
-            if slots is not None:
-                await slots.acquire()
+            call = await scope.watch(request, _admitted_call(scope, service, body))
+            if body.stream:
+                events = service.stream(call, deadline_s=server.request_timeout_s)
+                return ScopedStream(scope, events, headers=call.headers())
+            result = await scope.watch(request, service.complete(call))
+        except ClientGone:
+            await scope.close(CLIENT_GONE)
+            return Response(status_code=CLIENT_GONE)  # nobody reads it; the work is stopped
         except GatewayError as exc:
-            metrics.requests.labels(pool, "", str(exc.status_code)).inc()
+            await scope.close(exc.status_code)
             raise
-        metrics.inflight.inc()
-        gateway.inflight += 1
-
-        def finished() -> None:
-            metrics.inflight.dec()
-            gateway.inflight -= 1
-            if slots is not None:
-                slots.release()
-
-        try:
-            call = await service.start(body, received)
-        except BaseException as exc:
-            if isinstance(exc, GatewayError):
-                metrics.requests.labels(pool, "", str(exc.status_code)).inc()
-            finished()
+        except BaseException:
+            await scope.close(500)
             raise
-        deadline = server.request_timeout_s
-        if not body.stream:
-            try:
-                result = await _unless_abandoned(request, service.complete(call), deadline)
-            except _ClientGone:
-                metrics.requests.labels(*call.labels, "499").inc()
-                return Response(status_code=499)  # nobody reads it; the work is already stopped
-            finally:
-                finished()
-            return JSONResponse(result, headers=call.headers())
-
-        async def events() -> AsyncIterator[str]:
-            # A client that disconnects cancels this generator, which closes the strategy and
-            # engine streams under it: their work stops with it.
-            try:
-                async for event in service.stream(call, deadline_s=deadline):
-                    yield event
-            finally:
-                finished()
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers=call.headers())
+        await scope.close(200)
+        return JSONResponse(result, headers=call.headers())
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -179,30 +154,34 @@ def create_app(
     return app
 
 
-class _ClientGone(Exception):
-    pass
+async def _admitted_call(
+    scope: RequestScope, service: ChatService, body: ChatCompletionRequest
+) -> ChatCall:
+    """Wait for a slot, then route and start the answer (up to its first chunk)."""
+    await scope.admit()
+    scope.call = await service.start(body, scope.received)
+    return scope.call
 
 
-async def _unless_abandoned(
-    request: Request, work: Coroutine[Any, Any, T], deadline_s: float | None
-) -> T:
-    """Run `work`, cancelling it (and the engine work under it) if the client disconnects, or
-    past the deadline."""
-    task = asyncio.create_task(work)
-    started = time.perf_counter()
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.25)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise _ClientGone
-            if deadline_s is not None and time.perf_counter() - started > deadline_s:
-                raise DeadlineExceededError(f"the request ran past its {deadline_s:g}s deadline")
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+class ScopedStream(StreamingResponse):
+    """A streamed answer whose scope closes when the response ends, however it ends: read to
+    [DONE], cut by the client, or never read at all."""
+
+    def __init__(
+        self, scope: RequestScope, events: AsyncGenerator[str, None], headers: dict[str, str]
+    ) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self.scope = scope
+        self.events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.events.aclose()  # a client that left may leave it suspended, or unstarted
+            call = self.scope.call
+            outcome = call.outcome if call is not None else None
+            await self.scope.close(CLIENT_GONE if outcome is None else outcome)
 
 
 def _client_key(request: Request) -> str:

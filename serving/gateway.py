@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ensemble.cascade import CascadeStrategy
-from ensemble.engine import Engine
+from ensemble.engine import Engine, SessionEngine
 from ensemble.fuse import FusionStrategy
 from ensemble.stepwise import Step, StepObserver
 from ensemble.strategy import SingleStrategy, Strategy
@@ -155,21 +155,34 @@ class Gateway:
                 if isinstance(result, BaseException):
                     logger.error("%s failed to load: %s", name, result)
                     self.load_errors[name] = str(result)
-            self._check_shared_vocabularies()
+            self._check_token_level_pools()
         finally:
             self.loading = False
 
-    def _check_shared_vocabularies(self) -> None:
-        """`dynamic` fusion needs one vocabulary; known only once the tokenizers are loaded."""
+    def _check_token_level_pools(self) -> None:
+        """What the config cannot tell before the engines exist: `fuse` and `cascade` need
+        decode sessions, `dynamic` fusion one vocabulary (known once tokenizers are loaded). A
+        pool that fails is refused here, at start-up, not on each request."""
         for name, pool in self.config.pools.items():
             strategy = pool.strategy
-            if isinstance(strategy, FuseStrategyConfig) and strategy.weighting == "dynamic":
-                engines = [self.engines[e] for e in pool.experts]
-                vocabularies = {getattr(e, "vocabulary", None) for e in engines if e.ready}
+            if not isinstance(strategy, FuseStrategyConfig | CascadeStrategyConfig):
+                continue
+            engines = [self.engines[e] for e in pool.experts]
+            lacking = [e.name for e in engines if not isinstance(e, SessionEngine)]
+            if lacking:
+                self.load_errors[name] = (
+                    f"`{strategy.type}` needs decode sessions; {lacking} lack them"
+                )
+            elif isinstance(strategy, FuseStrategyConfig) and strategy.weighting == "dynamic":
+                vocabularies = {
+                    e.vocabulary for e in engines if isinstance(e, SessionEngine) and e.ready
+                }
                 if len(vocabularies) > 1:
                     self.load_errors[name] = (
                         "`dynamic` weighting needs experts that share one vocabulary"
                     )
+            if name in self.load_errors:
+                logger.error("pool %s cannot serve: %s", name, self.load_errors[name])
 
     async def aclose(self, keep: Gateway | None = None) -> None:
         """Close engines and the embedder, except those `keep` (the next gateway) took over."""

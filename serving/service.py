@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+from ensemble.errors import EngineError
 from ensemble.types import (
     ChatMessage,
     EnsembleTrace,
@@ -26,22 +28,29 @@ from router.decision import RouteDecision
 from serving.errors import (
     DeadlineExceededError,
     GatewayError,
+    InternalError,
     InvalidRequestError,
     ServiceUnavailableError,
+    http_error,
 )
 from serving.gateway import Gateway, Target
 from serving.protocol import ChatCompletionRequest
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(slots=True)
 class ChatCall:
-    """A request in flight: its identity, routing, timings and the stream it reads from."""
+    """A request in flight: its identity, routing, timings, the stream it reads from, and how
+    it ended (`outcome`, the status once the answer or an in-stream error was sent; None while
+    it runs, and for good when the client left first)."""
 
     id: str
     created: int
     body: ChatCompletionRequest
     target: Target
     decision: RouteDecision
+    routed: tuple[str, ...]  # the experts the strategy started with, best first
     trace: EnsembleTrace
     received: float  # time.perf_counter() at arrival
     route_ms: float
@@ -51,6 +60,7 @@ class ChatCall:
     first_token_at: float | None = None
     prompt_tokens: dict[str, int] = field(default_factory=dict)  # per expert
     completion_tokens: int = 0
+    outcome: int | None = None
 
     def age(self) -> float:
         """Seconds since the request arrived."""
@@ -64,7 +74,7 @@ class ChatCall:
         headers = {
             "x-chorus-pool": self.target.model_id,
             "x-chorus-strategy": self.target.strategy.name,
-            "x-chorus-experts": ",".join(self.trace.experts),
+            "x-chorus-experts": ",".join(self.routed),
             "x-chorus-overhead-ms": f"{self.overhead_ms:.2f}",
             "x-request-id": self.id,
         }
@@ -74,7 +84,7 @@ class ChatCall:
         return headers
 
     def chorus(self) -> dict[str, Any]:
-        return self.trace.details | {
+        return self.trace.summaries() | {
             "pool": self.target.model_id,
             "strategy": self.target.strategy.name,
             "experts": list(self.trace.experts),
@@ -132,21 +142,23 @@ class ChatService:
             raise ServiceUnavailableError(f"no routed expert of `{target.model_id}` is available")
         trace = EnsembleTrace()
         overhead_ms = (time.perf_counter() - received) * 1000
-        stream = target.strategy.run(request, [e for e in experts if e.ready], trace)
+        ready = [e for e in experts if e.ready]
+        stream = target.strategy.run(request, ready, trace)
         # Wait for real content before answering, so a failure up to here is a clean HTTP error.
         try:
             first = await anext(stream)
-        except BaseException:
+        except BaseException as exc:
             await stream.aclose()
+            if isinstance(exc, EngineError):
+                raise http_error(exc) from exc
             raise
-        for name in trace.experts:
-            self.metrics.expert_selected.labels(target.model_id, name).inc()
         return ChatCall(
             id=request.request_id,
             created=int(time.time()),
             body=body,
             target=target,
             decision=decision,
+            routed=tuple(e.name for e in ready),
             trace=trace,
             received=received,
             route_ms=route_ms,
@@ -206,6 +218,8 @@ class ChatService:
                     raise DeadlineExceededError(
                         f"the request ran past its {deadline_s:g}s deadline"
                     ) from None
+                except EngineError as exc:
+                    raise http_error(exc) from exc
                 yield chunk
 
     def _count(self, call: ChatCall, chunk: GenerationChunk) -> None:
@@ -220,40 +234,19 @@ class ChatService:
                 call.first_token_at - call.received
             )
 
-    def _finish(self, call: ChatCall, status: int) -> None:
-        for expert, tokens in call.prompt_tokens.items():
-            self.metrics.tokens.labels(expert, "prompt").inc(tokens)
-        failed = call.trace.details.get("failed", [])
-        for expert in failed:
-            self.metrics.expert_failures.labels(expert).inc()
-        if failed and status == 200:
-            self.metrics.fallbacks.labels(call.target.model_id).inc()
-        if vote := call.trace.details.get("vote"):
-            self.metrics.vote_agreement.labels(call.target.model_id).observe(vote["agreement"])
-            if vote["escalated"]:
-                self.metrics.vote_escalations.labels(call.target.model_id).inc()
-        self.metrics.requests.labels(*call.labels, str(status)).inc()
-        self.metrics.request_duration.labels(*call.labels).observe(
-            time.perf_counter() - call.received
-        )
-
     async def complete(self, call: ChatCall) -> dict[str, Any]:
         """Read the whole stream into one `chat.completion` object."""
         texts: dict[int, list[str]] = {}
         logprobs: dict[int, list[dict[str, Any]]] = {}
         finish: dict[int, str] = {}
-        try:
-            async for chunk in self._chunks(call):
-                if chunk.keepalive:
-                    continue
-                self._count(call, chunk)
-                texts.setdefault(chunk.index, []).append(chunk.text)
-                logprobs.setdefault(chunk.index, []).extend(_logprob_json(chunk.logprobs))
-                if chunk.finish_reason:
-                    finish[chunk.index] = chunk.finish_reason
-        except GatewayError as exc:
-            self._finish(call, exc.status_code)
-            raise
+        async for chunk in self._chunks(call):
+            if chunk.keepalive:
+                continue
+            self._count(call, chunk)
+            texts.setdefault(chunk.index, []).append(chunk.text)
+            logprobs.setdefault(chunk.index, []).extend(_logprob_json(chunk.logprobs))
+            if chunk.finish_reason:
+                finish[chunk.index] = chunk.finish_reason
         choices = [
             {
                 "index": i,
@@ -263,7 +256,7 @@ class ChatService:
             }
             for i in range(call.body.n)
         ]
-        self._finish(call, 200)
+        call.outcome = 200
         return {
             "id": call.id,
             "object": "chat.completion",
@@ -274,42 +267,55 @@ class ChatService:
             "chorus": call.chorus(),
         }
 
-    async def stream(self, call: ChatCall, deadline_s: float | None = None) -> AsyncIterator[str]:
-        """SSE events: a role chunk per choice, content chunks, optional usage, then [DONE]."""
-        status = 200
+    async def stream(
+        self, call: ChatCall, deadline_s: float | None = None
+    ) -> AsyncGenerator[str, None]:
+        """SSE events: a role chunk per choice, content chunks, optional usage, then [DONE].
+
+        Once bytes are out the HTTP status stays 200: an error is sent as an error event before
+        [DONE], and its status is the call's `outcome`."""
         try:
             for i in range(call.body.n):
                 yield _sse(
                     self._chunk(call, i, {"role": "assistant", "content": ""}, with_meta=True)
                 )
+            # A choice's finishing chunk carries the `chorus` object, so it waits for the
+            # strategy's end: token-level strategies complete their trace as they finish.
+            finishing: list[GenerationChunk] = []
             async for chunk in self._chunks(call, deadline_s):
                 if chunk.keepalive:
                     yield ": keep-alive\n\n"
                     continue
                 self._count(call, chunk)
-                if not chunk.text and chunk.finish_reason is None:
-                    continue  # accounting only: tokens of samples that lost a vote
-                delta = {"content": chunk.text} if chunk.text else {}
-                yield _sse(
-                    self._chunk(
-                        call,
-                        chunk.index,
-                        delta,
-                        finish=chunk.finish_reason,
-                        logprobs=chunk.logprobs if call.body.logprobs else None,
-                        with_meta=chunk.finish_reason is not None,
-                    )
-                )
+                if chunk.finish_reason is not None:
+                    finishing.append(chunk)
+                elif chunk.text:  # else accounting only: tokens of samples that lost a vote
+                    yield _sse(self._delta(call, chunk))
+            for chunk in finishing:
+                yield _sse(self._delta(call, chunk))
             options = call.body.stream_options
             if options is not None and options.include_usage:
                 yield _sse(self._envelope(call, [], usage=call.usage(), chorus=call.chorus()))
+            call.outcome = 200
         except GatewayError as exc:
-            # Bytes are out, so the status stays 200: report in-stream, then end normally.
-            status = exc.status_code
+            call.outcome = exc.status_code
             yield _sse(exc.to_dict())
-        finally:
-            self._finish(call, status)
+        except Exception as exc:  # a defect: the client still gets an error event and [DONE]
+            logger.error("request %s failed mid-stream", call.id, exc_info=exc)
+            error = InternalError("Internal server error.")
+            call.outcome = error.status_code
+            yield _sse(error.to_dict())
         yield "data: [DONE]\n\n"
+
+    def _delta(self, call: ChatCall, chunk: GenerationChunk) -> dict[str, Any]:
+        return self._chunk(
+            call,
+            chunk.index,
+            {"content": chunk.text} if chunk.text else {},
+            finish=chunk.finish_reason,
+            logprobs=chunk.logprobs if call.body.logprobs else None,
+            with_meta=chunk.finish_reason is not None,
+        )
 
     def _chunk(
         self,

@@ -69,7 +69,7 @@ def test_one_expert_fuse_pool_is_its_greedy_output(experts, prompt: str) -> None
         req = request(prompt)
         out, trace = run(FusionStrategy(), req, [engine])
         assert out == greedy(engine, req)
-        assert trace.details["fusion"]["share"] == {engine.name: 1.0}
+        assert trace.fusion.share == {engine.name: 1.0}
 
 
 @pytest.mark.parametrize("weighting", ["uniform", "core", "dynamic"])
@@ -79,7 +79,7 @@ def test_two_copies_of_one_expert_fuse_to_its_greedy_output(experts, weighting: 
         req = request(prompt)
         out, trace = run(FusionStrategy(weighting=weighting), req, [smollm2, smollm2])
         assert out == greedy(smollm2, req), weighting
-        assert trace.details["fusion"]["gate_skip_rate"] == 0.0  # really fused every step
+        assert trace.fusion.gate_skip_rate == 0.0  # really fused every step
 
 
 def test_gate_zero_is_the_primary_alone(experts) -> None:
@@ -87,7 +87,7 @@ def test_gate_zero_is_the_primary_alone(experts) -> None:
     req = request(PROMPTS[0])
     out, trace = run(FusionStrategy(gate=0.0), req, [smollm2, gemma])
     assert out == greedy(smollm2, req)
-    assert trace.details["fusion"]["gate_skip_rate"] == 1.0
+    assert trace.fusion.gate_skip_rate == 1.0
 
 
 @settings(
@@ -114,7 +114,7 @@ def test_fused_text_is_valid_utf8_and_the_chosen_pieces_joined(experts, prompt, 
     for step in steps:
         assert all(w >= 0 for w in step.weights.values())
         assert sum(step.weights.values()) == pytest.approx(1.0)
-    assert sum(trace.details["fusion"]["share"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert sum(trace.fusion.share.values()) == pytest.approx(1.0, abs=1e-3)
 
 
 def test_heterogeneous_fusion_uses_both_experts(experts) -> None:
@@ -122,7 +122,7 @@ def test_heterogeneous_fusion_uses_both_experts(experts) -> None:
     shares = []
     for prompt in PROMPTS:
         _, trace = run(FusionStrategy(weighting="uniform"), request(prompt), [smollm2, gemma])
-        shares.append(trace.details["fusion"]["share"]["gemma3-270m"])
+        shares.append(trace.fusion.share["gemma3-270m"])
     assert max(shares) > 0  # Gemma's candidates won some steps
 
 
@@ -131,9 +131,9 @@ def test_cascade_thresholds(experts) -> None:
     req = request(PROMPTS[1])
     always, trace = run(CascadeStrategy(draft="gemma3-270m", threshold=0.0), req, [smollm2, gemma])
     assert always == greedy(smollm2, req)
-    assert trace.details["cascade"]["share"]["smollm2-135m-instruct"] == 1.0
+    assert trace.cascade.share["smollm2-135m-instruct"] == 1.0
     never, trace = run(
         CascadeStrategy(draft="gemma3-270m", threshold=float("inf")), req, [smollm2, gemma]
     )
     assert never == greedy(gemma, req)
-    assert trace.details["cascade"]["share"]["gemma3-270m"] == 1.0
+    assert trace.cascade.share["gemma3-270m"] == 1.0

@@ -53,7 +53,7 @@ def test_routed_pool_shows_its_decision_in_body_headers_and_metrics(
     assert chorus["timings"]["total_ms"] >= chorus["timings"]["route_ms"] > 0
     assert raw.headers["x-chorus-pool"] == "auto"
     assert raw.headers["x-chorus-strategy"] == "single"
-    assert raw.headers["x-chorus-experts"] == chorus["experts"][0]
+    assert raw.headers["x-chorus-experts"].split(",")[0] == chorus["experts"][0]  # routed first
     assert raw.headers["x-chorus-cluster"] == str(chorus["cluster"])
     assert raw.headers["x-chorus-ood"] == "false"
     assert float(raw.headers["x-chorus-overhead-ms"]) >= chorus["timings"]["route_ms"]
@@ -331,12 +331,17 @@ def test_fuse_pool_streams_through_the_sdk(server: ServerProcess, client: openai
     assert len(pieces) > 1  # fused tokens stream as they are chosen
     assert "".join(pieces) == plain.choices[0].message.content  # greedy both times
     assert chunks[-1].usage is not None
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert set(finishing[0].model_extra["chorus"]["experts"]) == {SMOLLM2, GEMMA}
 
     text = httpx.get(f"{server.url}/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     steps = [s.value for s in families["chorus_fusion_steps"].samples
              if s.name == "chorus_fusion_steps_total" and s.labels["pool"] == "fuse"]  # fmt: skip
     assert steps and steps[0] >= 2 * fusion["steps"]
+    selected = {s.labels["expert"]: s.value for s in families["chorus_expert_selected"].samples
+                if s.name.endswith("_total") and s.labels["pool"] == "fuse"}  # fmt: skip
+    assert selected.get(SMOLLM2, 0) >= 2 and selected.get(GEMMA, 0) >= 2  # both requests
     assert "chorus_fusion_gate_skips" in families and "chorus_fusion_step_seconds" in families
 
 

@@ -17,6 +17,21 @@ from serving.errors import OverloadedError, RateLimitError, ServiceUnavailableEr
 from tests.fakes import ScriptedSamples
 
 
+def test_a_waiter_cancelled_as_its_slot_arrives_stays_cancelled_and_passes_it_on() -> None:
+    async def scenario() -> int:
+        limit = ConcurrencyLimit(limit=1, queue=2, timeout_s=5)
+        await limit.acquire()
+        waiter = asyncio.create_task(limit.acquire())
+        await asyncio.sleep(0)
+        limit.release()  # the slot goes to the waiter...
+        waiter.cancel()  # ...as its client leaves, in the same turn of the loop
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        return limit.active
+
+    assert asyncio.run(scenario()) == 0
+
+
 def test_waiters_get_slots_in_order_and_a_full_queue_is_refused() -> None:
     async def scenario() -> list[str]:
         limit = ConcurrencyLimit(limit=1, queue=2, timeout_s=5)

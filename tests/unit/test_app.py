@@ -155,7 +155,7 @@ def test_single_falls_back_to_the_next_expert_before_the_first_byte(tmp_path: Pa
             )
             assert response.status_code == 200
             assert "Hello" in response.text and "there" in response.text
-            assert response.headers["x-chorus-experts"] == "good"
+            assert response.headers["x-chorus-experts"] == "early,good"  # routed, best first
         plain = client.post("/v1/chat/completions", json={"model": "fallback", **BODY}).json()
         assert plain["chorus"]["failed"] == ["early"] and plain["chorus"]["experts"] == ["good"]
         metrics = client.get("/metrics").text
@@ -201,3 +201,17 @@ def wait_healthy(client: TestClient) -> None:
             return
         threading.Event().wait(0.01)
     raise AssertionError("never healthy")
+
+
+def test_a_token_level_pool_over_engines_without_sessions_is_refused_at_start(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(CONFIG + "  fused: {experts: [good, late], strategy: fuse}\n")
+    engines = {name: FakeEngine(name, ["x"]) for name in ("good", "early", "late")}
+    with TestClient(create_app(load_config(path), engines=engines)) as client:  # type: ignore[arg-type]
+        wait_ready(client)
+        reason = "`fuse` needs decode sessions; ['good', 'late'] lack them"
+        assert client.get("/health").json()["errors"] == {"fused": reason}
+        response = client.post("/v1/chat/completions", json={"model": "fused", **BODY})
+        assert response.status_code == 503 and reason in response.json()["error"]["message"]

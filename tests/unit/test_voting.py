@@ -15,6 +15,7 @@ from ensemble.types import (
     GenerationChunk,
     GenerationRequest,
     SamplingParams,
+    VoteSummary,
 )
 from ensemble.vote import VotingStrategy
 from ensemble.voting import Sample, consistency_weights, self_confidence, vote
@@ -87,15 +88,21 @@ def test_vote_is_order_free_and_scale_free(
 
 
 def run(
-    strategy: VotingStrategy, *experts: ScriptedSamples
+    strategy: VotingStrategy, *experts: ScriptedSamples, params: SamplingParams | None = None
 ) -> tuple[list[GenerationChunk], EnsembleTrace]:
-    request = GenerationRequest("t", (ChatMessage("user", "2+2?"),), SamplingParams())
+    request = GenerationRequest("t", (ChatMessage("user", "2+2?"),), params or SamplingParams())
     trace = EnsembleTrace()
 
     async def go() -> list[GenerationChunk]:
         return [c async for c in strategy.run(request, list(experts), trace)]
 
     return asyncio.run(go()), trace
+
+
+def test_the_requests_own_sampling_wins_over_the_pools_defaults() -> None:
+    top = ScriptedSamples("top", [("4", -0.1)])
+    run(VotingStrategy(samples=3), top, params=SamplingParams(temperature=0.3, top_p=0.5))
+    assert (top.calls[0].params.temperature, top.calls[0].params.top_p) == (0.3, 0.5)
 
 
 def reply(chunks: list[GenerationChunk]) -> str:
@@ -109,12 +116,9 @@ def test_agreeing_top_expert_is_not_escalated() -> None:
     assert reply(chunks) == "4"
     assert second.calls == []
     assert trace.experts == ["top"]
-    assert trace.details["vote"] == {
-        "answers": {"4": 4, "5": 1},
-        "answer": "4",
-        "agreement": 0.8,
-        "escalated": False,
-    }
+    assert trace.vote == VoteSummary(
+        answers={"4": 4, "5": 1}, answer="4", agreement=0.8, escalated=False
+    )
     assert top.calls[0].params.n == 5 and top.calls[0].params.logprobs
     assert top.calls[0].params.temperature == 0.7
     # Usage covers every sample: 5 samples x 2 tokens, the winner's re-sent chunk included.
@@ -127,7 +131,7 @@ def test_disagreeing_top_expert_escalates_and_both_vote() -> None:
     chunks, trace = run(VotingStrategy(samples=5, escalate_below=0.8), top, second)
     assert len(second.calls) == 1
     assert trace.experts == ["top", "second"]
-    assert trace.details["vote"]["escalated"] is True
+    assert trace.vote is not None and trace.vote.escalated is True
     assert sum(trace.weights) == pytest.approx(1.0)
     assert reply(chunks) == "5"  # 1 top + 5 second samples outweigh 2 top samples for "4"
     assert sum(c.tokens for c in chunks) == 20
