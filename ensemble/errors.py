@@ -1,5 +1,5 @@
-"""What engines and strategies raise. No HTTP here: `serving.errors.http_error` maps each kind to
-the status and OpenAI error object a client sees.
+"""What engines and strategies raise. No HTTP here: `serving.api.errors.http_error` maps each
+kind to the status and OpenAI error object a client sees.
 
 EngineError
 ├── ExpertFailed          the expert could not answer; another expert may (fallback applies)

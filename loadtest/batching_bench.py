@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from loadtest import load  # noqa: E402
 from loadtest.load import Subprocess  # noqa: E402
-from serving import bundled  # noqa: E402
+from serving.models import bundled  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 PROMPTS = [

@@ -20,7 +20,7 @@ import torch
 
 from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
 from serving.config import TransformersExpertConfig, load_config
-from serving.engines.transformers import TransformersEngine
+from serving.engines.transformers.engine import TransformersEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [

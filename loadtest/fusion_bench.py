@@ -26,7 +26,7 @@ from ensemble.types import (
     SamplingParams,
 )
 from serving.config import TransformersExpertConfig, load_config
-from serving.engines.transformers import TransformersEngine
+from serving.engines.transformers.engine import TransformersEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [

@@ -294,7 +294,7 @@ def plot(rows: list[dict[str, Any]], path: Path, cores: str) -> None:
 
 async def main_async(args: argparse.Namespace) -> int:
     if args.model_dir is None:
-        from serving.bundled import resolve
+        from serving.models.bundled import resolve
 
         args.model_dir = resolve(f"bundled:{MODEL}")
     work = Path(tempfile.mkdtemp(prefix="chorus-overhead-"))

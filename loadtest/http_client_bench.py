@@ -92,7 +92,7 @@ async def measure(url: str, conc: int, n: int, rounds: int) -> dict[str, float]:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    from serving.bundled import resolve
+    from serving.models.bundled import resolve
 
     vllm, vllm_url = start_vllm(resolve(f"bundled:{MODEL}"), served_name=MODEL)
     try:

@@ -43,9 +43,9 @@ from ensemble.types import (  # noqa: E402
     SamplingParams,
 )
 from serving.config import OpenAIExpertConfig, TransformersExpertConfig, load_config  # noqa: E402
-from serving.engines.remote import RemoteOpenAIEngine  # noqa: E402
-from serving.engines.remote_session import RemoteSession, post_json  # noqa: E402
-from serving.engines.transformers import TransformersEngine  # noqa: E402
+from serving.engines.openai.engine import RemoteOpenAIEngine  # noqa: E402
+from serving.engines.openai.session import RemoteSession, post_json  # noqa: E402
+from serving.engines.transformers.engine import TransformersEngine  # noqa: E402
 from tests.conftest import DEFAULT_CONFIG, VllmServer  # noqa: E402
 
 PROMPTS = [

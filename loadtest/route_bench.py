@@ -25,7 +25,7 @@ from router import artifact
 from router.embedder import BatchingEmbedder
 from router.semantic import SemanticRouter
 from serving.config import load_config
-from serving.embedders import load_embedder
+from serving.models.embedders import load_embedder
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
 from serving.config import VllmExpertConfig, load_config
-from serving.engines.vllm import VllmEngine
-from serving.engines.vllm_session import VllmSession
+from serving.engines.vllm.engine import VllmEngine
+from serving.engines.vllm.session import VllmSession
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [

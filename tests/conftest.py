@@ -18,7 +18,7 @@ from ensemble.types import ChatMessage, GenerationChunk, GenerationRequest, Samp
 from loadtest.load import free_port, vllm_serve_argv
 
 if TYPE_CHECKING:
-    from serving.engines.transformers import TransformersEngine
+    from serving.engines.transformers.engine import TransformersEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
@@ -120,7 +120,7 @@ class VllmServer:
         max_model_len: int = 2048,
         extra: tuple[str, ...] = (),
     ) -> None:
-        from serving import bundled
+        from serving.models import bundled
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -194,7 +194,7 @@ def vllm_server() -> Iterator[VllmServer]:
 def started(name: str) -> TransformersEngine:
     """An expert of the default config on the transformers engine, loaded."""
     from serving.config import load_config
-    from serving.engines.transformers import TransformersEngine
+    from serving.engines.transformers.engine import TransformersEngine
 
     engine = TransformersEngine(name, load_config(DEFAULT_CONFIG).experts[name])  # type: ignore[arg-type]
     asyncio.run(engine.start())

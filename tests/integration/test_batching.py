@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from ensemble.types import GenerationRequest
-from serving.engines.transformers import TransformersEngine
+from serving.engines.transformers.engine import TransformersEngine
 from tests.conftest import collect, texts
 from tests.conftest import request as ask
 

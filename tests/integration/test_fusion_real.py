@@ -14,7 +14,7 @@ from ensemble.fuse import FusionStrategy
 from ensemble.stepwise import Step
 from ensemble.types import ChatMessage, EnsembleTrace, GenerationRequest, SamplingParams
 from serving.config import load_config
-from serving.engines.transformers import TransformersEngine
+from serving.engines.transformers.engine import TransformersEngine
 from tests.conftest import DEFAULT_CONFIG
 
 pytestmark = pytest.mark.integration

@@ -12,9 +12,9 @@ import pytest
 
 from ensemble.types import ChatMessage, GenerationRequest, NextTokens, SamplingParams
 from serving.config import OpenAIExpertConfig, load_config
-from serving.engines.remote import RemoteOpenAIEngine
-from serving.engines.remote_session import RemoteSession, post_json
-from serving.engines.transformers import TransformersEngine
+from serving.engines.openai.engine import RemoteOpenAIEngine
+from serving.engines.openai.session import RemoteSession, post_json
+from serving.engines.transformers.engine import TransformersEngine
 from tests.conftest import DEFAULT_CONFIG, ServerProcess, VllmServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]

@@ -14,8 +14,8 @@ import pytest
 from router.calibration import CalibrationSet, fit_router
 from router.embedder import Embedder, SentenceTransformerEmbedder
 from router.onnx import OnnxEmbedder
-from serving.datasets import CAPITALS, generate
-from serving.embedders import load_embedder
+from serving.evaluation.datasets import CAPITALS, generate
+from serving.models.embedders import load_embedder
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration

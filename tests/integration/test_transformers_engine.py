@@ -9,7 +9,7 @@ import torch
 
 from ensemble.errors import PromptTooLong
 from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
-from serving.engines.transformers import TransformersEngine
+from serving.engines.transformers.engine import TransformersEngine
 from tests.conftest import collect, request, texts
 
 pytestmark = pytest.mark.integration

@@ -19,8 +19,8 @@ from ensemble.errors import PromptTooLong
 from ensemble.fuse import FusionStrategy
 from ensemble.types import EnsembleTrace, GenerationChunk, GenerationRequest
 from serving.config import load_config
-from serving.engines.vllm import VllmEngine
-from serving.engines.vllm_session import VllmSession
+from serving.engines.vllm.engine import VllmEngine
+from serving.engines.vllm.session import VllmSession
 from tests.conftest import DEFAULT_CONFIG, ROOT, ServerProcess, request, texts
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
@@ -227,7 +227,7 @@ def test_session_extend_by_text_and_score(vllm: Harness) -> None:
 
 
 def test_fuse_pool_over_vllm_and_transformers(vllm: Harness) -> None:
-    from serving.engines.transformers import TransformersEngine
+    from serving.engines.transformers.engine import TransformersEngine
 
     async def go() -> tuple[str, EnsembleTrace, TransformersEngine]:
         config = load_config(DEFAULT_CONFIG).experts[NAME]

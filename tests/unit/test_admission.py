@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from serving.admission import ConcurrencyLimit, RateLimit
-from serving.app import create_app
+from serving.api.errors import OverloadedError, RateLimitError, ServiceUnavailableError
 from serving.config import load_config
-from serving.errors import OverloadedError, RateLimitError, ServiceUnavailableError
+from serving.http.admission import ConcurrencyLimit, RateLimit
+from serving.http.app import create_app
 from tests.fakes import ScriptedSamples
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from serving.app import create_app
 from serving.config import load_config
+from serving.http.app import create_app
 from tests.fakes import FakeEngine, ScriptedSamples
 
 CONFIG = """

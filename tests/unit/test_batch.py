@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
-from serving.engines.batch import PaddedBatch
+from serving.engines.transformers.batch import PaddedBatch
 
 torch.manual_seed(0)
 

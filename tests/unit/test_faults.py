@@ -24,7 +24,7 @@ from ensemble.types import (
     SamplingParams,
 )
 from ensemble.vote import VotingStrategy
-from serving.engines.supervised import supervise
+from serving.engines.common.supervised import supervise
 from tests.fakes import FakeEngine, ScriptedSamples, ScriptedSessionEngine
 
 pytestmark = pytest.mark.anyio

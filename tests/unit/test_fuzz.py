@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving.app import create_app
 from serving.config import load_config
+from serving.http.app import create_app
 from tests.fakes import FakeEngine, ScriptedSamples
 
 JSON = st.recursive(

@@ -9,8 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.routing import Route
 
-from serving.app import create_app
 from serving.config import load_config
+from serving.http.app import create_app
 from tests.fakes import FakeEngine
 
 KEY = "sk-test-123"

@@ -13,7 +13,7 @@ from ensemble.errors import ExpertFailed
 from ensemble.strategy import SingleStrategy
 from ensemble.types import ChatMessage, EnsembleTrace, GenerationRequest, SamplingParams
 from serving.config import OpenAIExpertConfig
-from serving.engines.remote import RemoteOpenAIEngine
+from serving.engines.openai.engine import RemoteOpenAIEngine
 from tests.upstream import Handler, serve
 
 

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serving.engines.sampling import _nucleus, logprobs_of, sample
+from serving.engines.transformers.sampling import _nucleus, logprobs_of, sample
 
 
 def test_temperature_zero_is_argmax() -> None:

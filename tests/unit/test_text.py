@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ensemble.text import find_stop, partial_stop_len
-from serving.engines.text import SampleText
+from serving.engines.transformers.text import SampleText
 
 # Byte-level pieces, as GPT-2-style tokenizers have: "é" is two tokens that decode alone to U+FFFD.
 VOCAB = [b"a", b"b", b" ", b"\n", b"User", b":", b"ab", b"\xc3", b"\xa9", b"\xe2\x82", b"\xac"]

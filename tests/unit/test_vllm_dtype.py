@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from serving.config import VllmExpertConfig
-from serving.engines import vllm as vllm_engine
-from serving.engines.vllm import VllmEngine, cpu_bf16_flags
+from serving.engines.vllm import engine as vllm_engine
+from serving.engines.vllm.engine import VllmEngine, cpu_bf16_flags
 
 NAME = "small"
 

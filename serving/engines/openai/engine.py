@@ -37,7 +37,7 @@ from ensemble.types import (
 from serving.config import OpenAIExpertConfig
 
 if TYPE_CHECKING:
-    from serving.engines.remote_session import TokenTexts
+    from serving.engines.openai.session import TokenTexts
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class RemoteOpenAIEngine:
 
     async def open_session(self, request: GenerationRequest) -> DecodeSession:
         """A decode session through `/v1/completions` (serving/engines/remote_session.py)."""
-        from serving.engines.remote_session import TokenTexts, open_remote_session
+        from serving.engines.openai.session import TokenTexts, open_remote_session
 
         if self._client is None:
             raise ExpertUnavailable(f"expert {self.name} is not started")

@@ -15,7 +15,12 @@ from typing import Any
 import torch
 
 from ensemble.types import NextTokens
-from serving.engines.candidates import MAX_BYTE_LOOKAHEAD, REPLACEMENT, TAIL_TOKENS, renormalised
+from serving.engines.common.candidates import (
+    MAX_BYTE_LOOKAHEAD,
+    REPLACEMENT,
+    TAIL_TOKENS,
+    renormalised,
+)
 
 
 class TransformersSession:

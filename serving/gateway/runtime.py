@@ -17,9 +17,9 @@ from pathlib import Path
 
 from ensemble.engine import Engine
 from serving.config import Config, ConfigError, load_config
-from serving.gateway import Gateway
-from serving.metrics import GatewayMetrics
-from serving.service import ChatService
+from serving.gateway.metrics import GatewayMetrics
+from serving.gateway.pools import Gateway
+from serving.gateway.service import ChatService
 
 logger = logging.getLogger(__name__)
 

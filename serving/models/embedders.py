@@ -8,7 +8,7 @@ from pathlib import Path
 
 from router.embedder import Embedder, SentenceTransformerEmbedder
 from router.onnx import OnnxEmbedder, export
-from serving import bundled
+from serving.models import bundled
 
 logger = logging.getLogger(__name__)
 

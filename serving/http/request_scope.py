@@ -16,11 +16,11 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from serving.admission import ConcurrencyLimit
-from serving.errors import DeadlineExceededError
-from serving.gateway import Gateway
-from serving.metrics import GatewayMetrics
-from serving.service import ChatCall
+from serving.api.errors import DeadlineExceededError
+from serving.gateway.metrics import GatewayMetrics
+from serving.gateway.pools import Gateway
+from serving.gateway.service import ChatCall
+from serving.http.admission import ConcurrencyLimit
 
 T = TypeVar("T")
 

@@ -20,15 +20,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from ensemble.engine import Engine
-from serving.admission import ConcurrencyLimit, RateLimit
+from serving.api.errors import GatewayError, ServiceUnavailableError, error_body
+from serving.api.protocol import ChatCompletionRequest, model_card
 from serving.config import Config, key_path
-from serving.errors import GatewayError, ServiceUnavailableError, error_body
-from serving.guard import Guard
-from serving.metrics import GatewayMetrics
-from serving.protocol import ChatCompletionRequest, model_card
-from serving.request_scope import CLIENT_GONE, ClientGone, RequestScope
-from serving.runtime import Runtime
-from serving.service import ChatCall, ChatService
+from serving.gateway.metrics import GatewayMetrics
+from serving.gateway.runtime import Runtime
+from serving.gateway.service import ChatCall, ChatService
+from serving.http.admission import ConcurrencyLimit, RateLimit
+from serving.http.guard import Guard
+from serving.http.request_scope import CLIENT_GONE, ClientGone, RequestScope
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def create_app(
 ) -> FastAPI:
     """Build the app for `config`. Engines load in the background once the app starts; until
     then `/health` answers 503. `engines` replaces the configured ones (tests, embedding). With
-    `config_path`, SIGHUP reloads that file (`serving.runtime`)."""
+    `config_path`, SIGHUP reloads that file (`serving.gateway.runtime`)."""
     metrics = GatewayMetrics()
     runtime = Runtime(config, metrics, engines, config_path)
     created = int(time.time())

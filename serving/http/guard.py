@@ -15,8 +15,8 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.api.errors import error_body
 from serving.config import ServerConfig
-from serving.errors import error_body
 
 OPEN_PATHS = frozenset({"/health"})
 

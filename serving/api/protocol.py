@@ -1,7 +1,7 @@
 """OpenAI chat-completions wire models.
 
 Requests accept and ignore unknown fields (as vLLM does); responses are built as plain dicts by
-`serving.service`, since the shapes are fixed and dict building is measurably cheaper per chunk.
+`serving.gateway.service`, since the shapes are fixed and dict building is cheaper per chunk.
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             return asyncio.run(_bench(config, args.tokens, args.repeats))
         if args.command == "calibrate":
-            from serving.calibrate import calibrate, print_summary
+            from serving.evaluation.calibrate import calibrate, print_summary
 
             print_summary(
                 asyncio.run(
@@ -138,8 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _eval(config: Config, args: argparse.Namespace, command: str) -> int:
-    from serving.calibrate import load_labeled
-    from serving.evaluate import (
+    from serving.evaluation.calibrate import load_labeled
+    from serving.evaluation.evaluate import (
         limit_per_category,
         run_eval,
         serve_in_process,
@@ -172,7 +172,7 @@ async def _eval(config: Config, args: argparse.Namespace, command: str) -> int:
 
 
 def _dataset(out_dir: Path, seed: int) -> int:
-    from serving.datasets import generate, write_jsonl
+    from serving.evaluation.datasets import generate, write_jsonl
 
     for split, records in generate(seed).items():
         path = out_dir / f"{split}.jsonl"
@@ -184,7 +184,7 @@ def _dataset(out_dir: Path, seed: int) -> int:
 def _fit(config: Config, args: argparse.Namespace) -> int:
     from router import artifact
     from router.calibration import fit_router, load_calibration
-    from serving.embedders import load_embedder
+    from serving.models.embedders import load_embedder
 
     experts = config.pools[args.pool].experts
     data = load_calibration(args.data, experts)
@@ -213,7 +213,7 @@ def _fit(config: Config, args: argparse.Namespace) -> int:
 
 def _route(config: Config, pool: str, path: Path | None, queries: list[str]) -> int:
     from router import artifact
-    from serving.embedders import load_embedder
+    from serving.models.embedders import load_embedder
 
     settings = config.pools[pool].router
     folder = path or (Path(settings.artifact) if settings else None)
@@ -246,7 +246,7 @@ def _route(config: Config, pool: str, path: Path | None, queries: list[str]) -> 
 def _prepare(config: Config | None) -> int:
     from tqdm import tqdm
 
-    from serving import bundled
+    from serving.models import bundled
 
     if config is None:
         names = list(bundled.BUNDLED)
@@ -263,7 +263,7 @@ def _prepare(config: Config | None) -> int:
             state = "cached" if was_ready else f"prepared in {time.perf_counter() - started:.1f}s"
             bar.write(f"{name}: {state} -> {path}")
     if config is not None and config.router.backend == "onnx":
-        from serving.embedders import load_embedder, onnx_folder
+        from serving.models.embedders import load_embedder, onnx_folder
 
         load_embedder(config.router.embedder, "onnx")  # exports once, then only loads
         print(f"{config.router.embedder}: ONNX -> {onnx_folder(config.router.embedder)}")
@@ -276,7 +276,7 @@ def _serve(config: Config, path: Path, host: str, port: int) -> int:
     the engines are closed. SIGHUP reloads `path`."""
     import uvicorn
 
-    from serving.app import create_app
+    from serving.http.app import create_app
 
     app = create_app(config, config_path=path)
     runtime = app.state.runtime

@@ -8,7 +8,7 @@ import math
 import time
 from collections import deque
 
-from serving.errors import OverloadedError, RateLimitError, ServiceUnavailableError
+from serving.api.errors import OverloadedError, RateLimitError, ServiceUnavailableError
 
 
 class ConcurrencyLimit:

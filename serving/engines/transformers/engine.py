@@ -2,15 +2,15 @@
 
 All model and tokenizer work runs on one worker thread per engine, so the event loop never
 blocks. Concurrent requests are batched (continuous batching): a scheduler on the worker keeps
-one left-padded KV cache (`serving.engines.batch.PaddedBatch`) over the rows of every running
-request, and each of its ticks runs ONE decode forward over all of them. Requests that arrive
-meanwhile are prefilled together (one more forward in that tick) and merged into the running
-batch. A request's `n` samples are `n` rows that share its prefill. Each request samples its own
-rows with its own temperature, top-p, seeded generator and logprobs, so its output does not
-depend on what shares the batch. Finished rows, and the rows of a closed stream (a client that
-left), are dropped before the next forward. Chunks reach each request's async generator through
-an asyncio queue (`loop.call_soon_threadsafe`). Decode sessions (token-level fusion) stay outside
-the batch: their calls are separate jobs on the same worker, between the scheduler's ticks.
+one left-padded KV cache (`batch.PaddedBatch`) over the rows of every running request, and each
+of its ticks runs ONE decode forward over all of them. Requests that arrive meanwhile are
+prefilled together (one more forward in that tick) and merged into the running batch. A
+request's `n` samples are `n` rows that share its prefill. Each request samples its own rows
+with its own temperature, top-p, seeded generator and logprobs, so its output does not depend on
+what shares the batch. Finished rows, and the rows of a closed stream (a client that left), are
+dropped before the next forward. Chunks reach each request's async generator through an asyncio
+queue (`loop.call_soon_threadsafe`). Decode sessions (token-level fusion) stay outside the
+batch: their calls are separate jobs on the same worker, between the scheduler's ticks.
 
 transformers' own continuous batching (`generate_batch`, `ContinuousBatchingManager`) was not
 used: its sampling settings are one generation config for the whole manager (no per-request
@@ -48,13 +48,13 @@ from ensemble.types import (
     TokenLogprob,
     TopLogprob,
 )
-from serving import bundled
 from serving.config import TransformersExpertConfig
-from serving.engines.batch import PaddedBatch
-from serving.engines.prompts import chat_prompt_ids, check_room
-from serving.engines.sampling import logprobs_of, sample
-from serving.engines.session import TransformersSession
-from serving.engines.text import SampleText
+from serving.engines.common.prompts import chat_prompt_ids, check_room
+from serving.engines.transformers.batch import PaddedBatch
+from serving.engines.transformers.sampling import logprobs_of, sample
+from serving.engines.transformers.session import TransformersSession
+from serving.engines.transformers.text import SampleText
+from serving.models import bundled
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,7 +70,7 @@ def load_chat_template(spec: str | None) -> str | None:
     if spec is None:
         return None
     if spec == "plain":
-        return resources.files("serving").joinpath("templates/plain.jinja").read_text()
+        return resources.files("serving.models").joinpath("templates/plain.jinja").read_text()
     return Path(spec).read_text()
 
 

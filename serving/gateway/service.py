@@ -25,7 +25,7 @@ from ensemble.types import (
     TokenLogprob,
 )
 from router.decision import RouteDecision
-from serving.errors import (
+from serving.api.errors import (
     DeadlineExceededError,
     GatewayError,
     InternalError,
@@ -33,8 +33,8 @@ from serving.errors import (
     ServiceUnavailableError,
     http_error,
 )
-from serving.gateway import Gateway, Target
-from serving.protocol import ChatCompletionRequest
+from serving.api.protocol import ChatCompletionRequest
+from serving.gateway.pools import Gateway, Target
 
 logger = logging.getLogger(__name__)
 

@@ -64,9 +64,14 @@ import aiohttp
 from ensemble.errors import ExpertFailed
 from ensemble.types import GenerationRequest, NextTokens
 from serving.config import OpenAIExpertConfig
-from serving.engines.candidates import MAX_BYTE_LOOKAHEAD, REPLACEMENT, TAIL_TOKENS, renormalised
-from serving.engines.prompts import check_room
-from serving.engines.remote import RETRYABLE, _Retryable, client_error, field_object, reading
+from serving.engines.common.candidates import (
+    MAX_BYTE_LOOKAHEAD,
+    REPLACEMENT,
+    TAIL_TOKENS,
+    renormalised,
+)
+from serving.engines.common.prompts import check_room
+from serving.engines.openai.engine import RETRYABLE, _Retryable, client_error, field_object, reading
 
 logger = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from router.decision import RouteDecision
 from router.embedder import BatchingEmbedder
 from router.semantic import SemanticRouter
 from router.static import StaticRouter
+from serving.api.errors import ModelNotFoundError
 from serving.config import (
     CascadeStrategyConfig,
     Config,
@@ -30,11 +31,10 @@ from serving.config import (
     StrategyConfig,
     VoteStrategyConfig,
 )
-from serving.embedders import load_embedder
 from serving.engines import build_engine
-from serving.engines.supervised import supervise
-from serving.errors import ModelNotFoundError
-from serving.metrics import GatewayMetrics
+from serving.engines.common.supervised import supervise
+from serving.gateway.metrics import GatewayMetrics
+from serving.models.embedders import load_embedder
 
 logger = logging.getLogger(__name__)
 EMBEDDER = "embedder"

@@ -16,8 +16,8 @@ from ensemble.engine import Engine
 from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
 from router.calibration import read_jsonl
 from serving.config import Config
-from serving.datasets import write_jsonl
 from serving.engines import build_engine
+from serving.evaluation.datasets import write_jsonl
 
 
 def load_labeled(path: Path) -> list[dict[str, Any]]:

@@ -29,10 +29,15 @@ import numpy as np
 
 from ensemble.errors import ExpertFailed
 from ensemble.types import Candidate, NextTokens
-from serving.engines.candidates import MAX_BYTE_LOOKAHEAD, REPLACEMENT, TAIL_TOKENS, renormalised
+from serving.engines.common.candidates import (
+    MAX_BYTE_LOOKAHEAD,
+    REPLACEMENT,
+    TAIL_TOKENS,
+    renormalised,
+)
 
 if TYPE_CHECKING:
-    from serving.engines.vllm import VllmEngine
+    from serving.engines.vllm.engine import VllmEngine
 
 View = dict[int, float]  # {token id: logprob} of one next-token distribution (its top entries)
 
@@ -65,7 +70,7 @@ class _Draft:
         return draft
 
     async def _consume(self, stream: AsyncGenerator[Any, None]) -> None:
-        from serving.engines.vllm import logprob_map
+        from serving.engines.vllm.engine import logprob_map
 
         try:
             async for output in stream:
@@ -246,7 +251,7 @@ class VllmSession:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import SamplingParams
 
-        from serving.engines.vllm import logprob_map
+        from serving.engines.vllm.engine import logprob_map
 
         llm = self._engine.llm
         if llm is None:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ensemble.answers import is_correct
 from serving.config import Config
-from serving.datasets import write_jsonl
+from serving.evaluation.datasets import write_jsonl
 
 
 def _free_port() -> int:
@@ -37,7 +37,7 @@ async def serve_in_process(config: Config) -> AsyncIterator[str]:
     """The app on a free loopback port in this event loop; yields its base URL once healthy."""
     import uvicorn
 
-    from serving.app import create_app
+    from serving.http.app import create_app
 
     port = _free_port()
     server = uvicorn.Server(

@@ -1,0 +1,37 @@
+"""The configuration: its typed models (`schema`) and how a file becomes one (`loading`)."""
+
+from serving.config.loading import ConfigError, key_path, load_config
+from serving.config.schema import (
+    CascadeStrategyConfig,
+    Config,
+    ExpertConfig,
+    FuseStrategyConfig,
+    OpenAIExpertConfig,
+    PoolConfig,
+    SamplingDefaults,
+    ServerConfig,
+    SingleStrategyConfig,
+    StrategyConfig,
+    TransformersExpertConfig,
+    VllmExpertConfig,
+    VoteStrategyConfig,
+)
+
+__all__ = [
+    "CascadeStrategyConfig",
+    "Config",
+    "ConfigError",
+    "ExpertConfig",
+    "FuseStrategyConfig",
+    "OpenAIExpertConfig",
+    "PoolConfig",
+    "SamplingDefaults",
+    "ServerConfig",
+    "SingleStrategyConfig",
+    "StrategyConfig",
+    "TransformersExpertConfig",
+    "VllmExpertConfig",
+    "VoteStrategyConfig",
+    "key_path",
+    "load_config",
+]
