@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 import torch
 
 from ensemble.errors import PromptTooLong
 from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
+from serving.engines.common.entropy import ENTROPY_TOP, estimated_entropy
 from serving.engines.transformers.engine import TransformersEngine
 from tests.conftest import collect, request, texts
 
@@ -135,3 +137,25 @@ def test_closing_a_stream_early_frees_the_engine(smollm2: TransformersEngine) ->
     assert asyncio.run(read_two_then_close()) == 2
     # The worker is free for the next request straight away.
     assert texts(collect(smollm2, request(QUESTION, max_tokens=3, temperature=0.0)))[0]
+
+
+def test_session_entropy_is_the_estimate_every_engine_gives(smollm2: TransformersEngine) -> None:
+    """The session has the whole distribution, yet reports the top-20 estimate that vLLM's
+    sessions give (one cascade threshold, one meaning), a lower bound on the exact entropy."""
+
+    async def go() -> None:
+        session = await smollm2.open_session(request("List three colours.", max_tokens=8))
+        try:
+            for _ in range(4):
+                view = await session.top_k(10, full=True)
+                logp = np.asarray(view.distribution, dtype=np.float64)
+                exact = float(-(np.exp(logp) * logp).sum())
+                top20 = np.sort(logp)[-ENTROPY_TOP:].tolist()
+                assert view.entropy == pytest.approx(estimated_entropy(top20), abs=1e-6)
+                assert 0 <= view.entropy <= exact + 1e-4
+                top = view.candidates[0]
+                await session.extend_ids(top.token_ids, top.text)
+        finally:
+            await session.aclose()
+
+    asyncio.run(go())

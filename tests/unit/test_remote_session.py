@@ -15,8 +15,9 @@ from aiohttp import web
 from ensemble.errors import ExpertFailed, PromptTooLong
 from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
 from serving.config import OpenAIExpertConfig
+from serving.engines.common.entropy import estimated_entropy
 from serving.engines.openai.engine import RemoteOpenAIEngine
-from serving.engines.openai.session import SEPARATOR, RemoteSession, estimated_entropy
+from serving.engines.openai.session import SEPARATOR, RemoteSession
 from tests.upstream import serve
 
 # A toy tokenizer: one character per token, 0 ends the sequence, 9 is another special token.

@@ -1,11 +1,24 @@
-"""What every engine does with a chat prompt: render it to token ids, and check it fits."""
+"""What every engine does with a chat prompt: find its template, render it to token ids, and
+check it fits."""
 
 from __future__ import annotations
 
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from ensemble.errors import PromptTooLong
 from ensemble.types import GenerationRequest
+
+
+def load_chat_template(spec: str | None) -> str | None:
+    """An expert's `chat_template` setting as a template: None (the tokenizer's own), `plain`
+    (the bundled one) or a path to a Jinja file."""
+    if spec is None:
+        return None
+    if spec == "plain":
+        return resources.files("serving.models").joinpath("templates/plain.jinja").read_text()
+    return Path(spec).read_text()
 
 
 def chat_prompt_ids(

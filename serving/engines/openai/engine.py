@@ -5,12 +5,8 @@ retried with exponential backoff, but only before the first byte of output: afte
 connection is reported as `ExpertFailed` (an SSE error event for streaming clients), never
 silently restarted; so is an answer that is not what the OpenAI API writes (a line that is not
 JSON, a choice without its `index`, ...): another expert may still answer. A background probe
-(`GET {base_url}/models`) keeps `ready` current.
-
-The HTTP client is aiohttp: at 32 concurrent 16-token streams from `vllm serve` it spends 0.28x
-httpx's CPU per request (0.81 against 2.95 ms, loadtest/http_client_bench.py; httpcore's pool walks
-every connection on each request); with httpx that was most of the gateway's CPU per request
-(loadtest/gateway_overhead.py).
+(`GET {base_url}/models`) keeps `ready` current. The client, the retry policy and the reading of
+answers are `openai.http`'s (shared with the decode sessions, `openai.session`).
 """
 
 from __future__ import annotations
@@ -20,13 +16,13 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncGenerator, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import aiohttp
 
 from ensemble.engine import DecodeSession
-from ensemble.errors import EngineError, ExpertFailed, ExpertUnavailable, RequestRejected
+from ensemble.errors import ExpertFailed, ExpertUnavailable
 from ensemble.types import (
     FinishReason,
     GenerationChunk,
@@ -35,32 +31,17 @@ from ensemble.types import (
     TopLogprob,
 )
 from serving.config import OpenAIExpertConfig
-
-if TYPE_CHECKING:
-    from serving.engines.openai.session import TokenTexts
+from serving.engines.openai.http import (
+    RETRYABLE,
+    Retryable,
+    client_error,
+    field_object,
+    open_client,
+    reading,
+)
+from serving.engines.openai.session import TokenTexts, open_remote_session
 
 logger = logging.getLogger(__name__)
-
-
-class _Retryable(Exception):
-    pass
-
-
-# Failures before any output: the server could not be reached, or answered 5xx. Retried.
-RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, _Retryable)
-
-
-def open_client(config: OpenAIExpertConfig, headers: dict[str, str]) -> aiohttp.ClientSession:
-    """One pooled client per expert. No pool limit: the gateway's own `max_concurrent_requests`
-    bounds how many connections are open at once (a limit here would queue requests unseen)."""
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0),
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s
-        ),
-        headers=headers,
-        read_bufsize=1 << 20,  # an SSE line with 20 top logprobs per token stays well inside
-    )
 
 
 class RemoteOpenAIEngine:
@@ -92,9 +73,7 @@ class RemoteOpenAIEngine:
         return self.config.stop
 
     async def open_session(self, request: GenerationRequest) -> DecodeSession:
-        """A decode session through `/v1/completions` (serving/engines/remote_session.py)."""
-        from serving.engines.openai.session import TokenTexts, open_remote_session
-
+        """A decode session through `/v1/completions` (`openai.session`)."""
         if self._client is None:
             raise ExpertUnavailable(f"expert {self.name} is not started")
         if self._token_texts is None or self._token_texts.client is not self._client:
@@ -178,7 +157,7 @@ class RemoteOpenAIEngine:
             try:
                 async with self._client.post(url, json=body) as response:
                     if response.status >= 500:
-                        raise _Retryable(f"HTTP {response.status}")
+                        raise Retryable(f"HTTP {response.status}")
                     if response.status >= 400:
                         raise client_error(self.name, response.status, await response.text())
                     async for chunk in _chunks(self.name, response):
@@ -187,7 +166,7 @@ class RemoteOpenAIEngine:
                 return
             except RETRYABLE as exc:
                 if received or attempt == self.config.retries:
-                    if not isinstance(exc, _Retryable):
+                    if not isinstance(exc, Retryable):
                         self._healthy = False  # unreachable: skipped until the probe sees it
                     raise ExpertFailed(f"expert {self.name} failed: {exc}") from exc
                 delay = self.config.backoff_s * 2**attempt
@@ -195,36 +174,6 @@ class RemoteOpenAIEngine:
                 await asyncio.sleep(delay)
             except aiohttp.ClientError as exc:  # read timeouts, a connection cut mid-stream
                 raise ExpertFailed(f"expert {self.name} failed mid-answer: {exc!r}") from exc
-
-
-def client_error(name: str, status: int, text: str) -> EngineError:
-    """A 4xx answer as the error to raise: 400 is the client's request, as the expert judged it."""
-    try:
-        message = json.loads(text)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = text[:500]
-    if status == 400:
-        return RequestRejected(message)
-    return ExpertFailed(f"expert {name} refused the request (HTTP {status}): {message}")
-
-
-@contextlib.contextmanager
-def reading(name: str, what: str) -> Iterator[None]:
-    """Around the reading of an expert's answer: one that is not JSON, lacks a field or holds one
-    of the wrong kind is the expert's failure (`ExpertFailed`, so another expert may answer),
-    never a bare ValueError, KeyError or TypeError."""
-    try:
-        yield
-    except (ValueError, LookupError, TypeError, AttributeError) as exc:
-        raise ExpertFailed(f"expert {name} sent a malformed {what}: {_wrong(exc)}") from exc
-
-
-def _wrong(exc: Exception) -> str:
-    if isinstance(exc, KeyError):
-        return f"no {exc.args[0]!r} field"
-    if isinstance(exc, json.JSONDecodeError):
-        return f"not JSON ({exc})"
-    return str(exc) or type(exc).__name__
 
 
 async def _chunks(
@@ -239,7 +188,8 @@ async def _chunks(
         if data == b"[DONE]":
             # Read on to the end of the body (it follows at once): a response left unfinished
             # closes its connection instead of returning it to the pool, and a new connection
-            # per request costs both servers CPU and a handshake (loadtest/gateway_overhead.py).
+            # per request costs both servers CPU and a handshake (loadtest/RESULTS.md, gateway
+            # overhead against vLLM, "Found and fixed by profiling the gateway").
             done = True
             continue
         with reading(name, "stream event"):
@@ -283,12 +233,3 @@ def _event_chunks(name: str, event: Any) -> list[GenerationChunk]:
         completion, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
         chunks.append(GenerationChunk(name, 0, "", int(completion or 0), int(prompt or 0)))
     return chunks
-
-
-def field_object(value: Any, what: str) -> dict[str, Any]:
-    """`value` as a JSON object (None, for an optional one left out: empty)."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise TypeError(f"{what} is a JSON {type(value).__name__}, not an object")
-    return value

@@ -9,55 +9,51 @@ is `POST /v1/completions` with those ids as the prompt, `temperature: 0`, `logpr
 its id). The server's prefix cache makes the repeated prompt cheap; each step still costs one
 HTTP round trip and one scheduled request.
 
-Drafting: a view asks for up to `max_lookahead` greedy tokens at once, with the top-L logprobs at
-every position. While the answer follows this expert's own greedy tokens (its proposal was
-chosen, or a gated step took it), the next views are read off that draft with no request; when
-the answer leaves the draft, the rest is dropped. The draft length adapts: it doubles after a
-draft was used to its end and falls back to 1 after one that was left early, so an expert that
-keeps being overruled costs one decode step per view, not `max_lookahead`.
+Drafting (`common.drafts`): a view asks for up to `max_lookahead` greedy tokens at once, with the
+top-L logprobs at every position. While the answer follows this expert's own greedy tokens (its
+proposal was chosen, or a gated step took it), the next views are read off that draft with no
+request; when the answer leaves the draft, the rest is dropped. The draft length adapts: the
+first is of one token (an answer arrives whole, so a longer draft delays the first view), it
+doubles after a draft was used to its end and is cut to the views used after one that was left
+early, so an expert that keeps being overruled costs one decode step per view, not
+`max_lookahead`.
 
 What a remote view cannot give, and what stands in for it:
 
 - The whole next-token distribution. `top_k(full=True)` returns `distribution=None`, and the
   config refuses `dynamic` weighting (whole distributions over a shared vocabulary) for pools
   with an `openai` expert.
-- The entropy of that distribution (what cascades read). It is estimated from the top-L
-  logprobs (L = `logprobs` asked, 20 at most, vLLM's default `--max-logprobs`): with kept
-  probabilities p_1 >= ... >= p_L and leftover mass r = 1 - sum(p),
-  H ~= -sum(p_i log p_i) - r log min(p_L, r). Every token outside the top L has probability at
-  most p_L, and at most r, so its share -q log q is at least -q log min(p_L, r): the estimate
-  is a lower bound on the true entropy (the leftover spread over tokens as likely as the least
-  likely kept one, or lumped into one outcome, whichever says more), exact when r = 0.
+- The entropy of that distribution (what cascades read): every engine's estimate from the top
+  L = 20 logprobs (`common.entropy`), a lower bound on it, exact when those hold all the mass.
 - Which tokens end the sequence. A token's text is the server's `/detokenize` of it alone
   (cached per engine). A token whose text looks like a special token (`<...>`) is asked about
   once, by forcing it (`allowed_token_ids`, one token): the server ends with `finish_reason:
   stop` and no text on an end-of-sequence token (the tokenizer's or the generation config's), and
-  returns no text for another special token, which is then dropped, as the transformers session
-  drops special tokens. A greedy step that the server itself ends the same way marks its token as
+  returns no text for another special token, which is then dropped, as every session drops
+  special tokens. A greedy step that the server itself ends the same way marks its token as
   end-of-sequence too.
 
 Text chosen by another expert (`extend`) is appended as text and tokenized by the server
-(`POST /tokenize`) just before the next view, together with up to 8 tokens before it (a merge
-across the join, " Par" + "is", re-tokenizes as the transformers session does). A candidate that
-is only part of a UTF-8 character is completed greedily when it is the top one (one request for
-up to 4 tokens), else dropped.
+(`POST /tokenize`) just before the next view, together with the tokens before it from a known
+token boundary up to 8 back (`common.retokenize`: a merge across the join, " Par" + "is",
+re-tokenizes as in process); a long stretch tokenized so is split where the server detokenizes
+its head back to a prefix of the text, so the next join reads only the tail. A candidate that is
+only part of a UTF-8 character is completed greedily when it is the top one (one request for up
+to 4 more tokens), else dropped (`common.candidates`).
 
-Connection errors and 5xx answers are retried with the engine's backoff (every request here is
-idempotent); 4xx answers are errors at once. An answer that is not JSON or lacks a field this
-module reads is the expert's failure (`ExpertFailed`), named with the request it answered.
+Connection errors and 5xx answers are retried with the engine's backoff (`openai.http.post_json`;
+every request here is idempotent); 4xx answers are errors at once. An answer that is not JSON or
+lacks a field this module reads is the expert's failure (`ExpertFailed`), named with the request
+it answered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from collections.abc import Sequence
+from typing import Any
 
 import aiohttp
 
@@ -66,65 +62,31 @@ from ensemble.types import GenerationRequest, NextTokens
 from serving.config import OpenAIExpertConfig
 from serving.engines.common.candidates import (
     MAX_BYTE_LOOKAHEAD,
-    REPLACEMENT,
-    TAIL_TOKENS,
-    renormalised,
+    Completion,
+    TokenKind,
+    character_prefixes,
+    is_whole,
+    next_tokens,
+    partial_top,
+    ranked,
+    view_size,
 )
+from serving.engines.common.drafts import Draft, View, next_lookahead
 from serving.engines.common.prompts import check_room
-from serving.engines.openai.engine import RETRYABLE, _Retryable, client_error, field_object, reading
+from serving.engines.common.retokenize import TAIL_TOKENS, AnswerTokens
+from serving.engines.openai.http import field_object, post_json
 
 logger = logging.getLogger(__name__)
 
 MAX_LOGPROBS = 20  # vLLM's default `--max-logprobs`
-EXTRA_LOGPROBS = 8  # asked beyond k: special and partial-character tokens are dropped
 MAX_LOOKAHEAD = 8  # most greedy tokens drafted in one request
 SEPARATOR = "\u241e"  # ␞, between tokens detokenized together
-
-TokenKind = Literal["text", "end", "special"]
-T = TypeVar("T")
 
 
 def server_root(base_url: str) -> str:
     """vLLM serves /tokenize and /detokenize at the root, beside `/v1`."""
     base = base_url.rstrip("/")
     return base[: -len("/v1")] if base.endswith("/v1") else base
-
-
-def _as_is(answer: Any) -> Any:
-    return answer
-
-
-async def post_json(
-    client: aiohttp.ClientSession,
-    config: OpenAIExpertConfig,
-    name: str,
-    url: str,
-    body: dict[str, Any],
-    read: Callable[[Any], T] = _as_is,
-) -> T:
-    """POST with the engine's retry policy: connection errors and 5xx, with backoff. The JSON
-    answer is passed through `read`, which takes out what the caller needs: an answer that is
-    not JSON, or that `read` cannot take apart (a missing field, a wrong kind), raises
-    `ExpertFailed`."""
-    for attempt in range(config.retries + 1):
-        try:
-            async with client.post(url, json=body) as response:
-                if response.status >= 500:
-                    raise _Retryable(f"HTTP {response.status}")
-                raw = await response.read()
-                if response.status >= 400:
-                    raise client_error(name, response.status, raw.decode(errors="replace"))
-                break
-        except RETRYABLE as exc:
-            if attempt == config.retries:
-                raise ExpertFailed(f"expert {name} failed: {exc}") from exc
-            await asyncio.sleep(config.backoff_s * 2**attempt)
-        except aiohttp.ClientError as exc:  # cut off
-            raise ExpertFailed(f"expert {name} failed: {exc!r}") from exc
-    else:
-        raise AssertionError("unreachable")
-    with reading(name, f"answer to POST {urlsplit(url).path}"):
-        return read(json.loads(raw))
 
 
 class TokenTexts:
@@ -218,6 +180,14 @@ class TokenTexts:
     def mark_end(self, token: int) -> None:
         self.kinds[token] = "end"
 
+    def kind(self, token: int) -> TokenKind:
+        """A learnt token's kind (`common.candidates.TokenPieces`)."""
+        return self.kinds[token]
+
+    def text(self, token: int) -> str:
+        """A learnt token's text alone."""
+        return self.texts[token]
+
     async def detokenize(self, ids: Sequence[int]) -> str:
         self.requests += 1
         body = {"model": self.config.model, "tokens": list(ids)}
@@ -229,19 +199,6 @@ class TokenTexts:
         body = {"model": self.config.model, "prompt": text, "add_special_tokens": False}
         url = f"{self.root}/tokenize"
         return await post_json(self.client, self.config, self.name, url, body, _tokenized)
-
-
-@dataclass(slots=True)
-class _Draft:
-    base: tuple[int, ...]  # the ids the draft continues
-    tokens: list[int]  # the greedy tokens the server chose
-    views: list[list[tuple[int, float]]]  # top logprobs before each of them, best first
-
-
-@dataclass(slots=True)
-class _Segment:
-    text: str
-    ids: list[int] | None  # None: chosen text not yet tokenized
 
 
 async def open_remote_session(
@@ -293,104 +250,69 @@ class RemoteSession:
         self.prompt_ids = prompt_ids
         self.limit = limit  # prompt + the answer's most tokens: no draft runs past it
         self.max_lookahead = max(1, max_lookahead)
-        self.segments: list[_Segment] = []
-        self.lookahead = 1
-        self.draft: _Draft | None = None
+        self.answer = AnswerTokens(prompt_ids)
+        self.lookahead = 1  # a draft arrives whole: the first is short (`common.drafts`)
+        self.draft: Draft | None = None
         self.completions = 0  # /v1/completions requests (for the benchmark)
         self.closed = False
 
     # -- text in -----------------------------------------------------------------------------
 
     async def extend(self, text: str) -> None:
-        if text:
-            self.segments.append(_Segment(text, None))
+        self.answer.add_text(text)
 
     async def extend_ids(self, ids: tuple[int, ...], text: str) -> None:
-        self.segments.append(_Segment(text, list(ids)))
+        self.answer.add_ids(ids, text)
 
     async def _ids(self) -> list[int]:
         """Prompt and answer as token ids; chosen text is tokenized here, with a few tokens
         before it so that a merge across the join comes out as the tokenizer would write it."""
-        first = next((i for i, s in enumerate(self.segments) if s.ids is None), None)
-        if first is not None:
-            start, before = first, 0
-            while start > 0 and before < TAIL_TOKENS:
-                start -= 1
-                before += len(self.segments[start].ids or ())
-            text = "".join(s.text for s in self.segments[start:])
-            tokens = await self.texts.tokenize(text)
-            tail = [_Segment(text, tokens)]
+        if self.answer.pending:
+            tail = self.answer.tail()
+            tokens = await self.texts.tokenize(tail.text)
+            starts: list[int | None] = [0, *[None] * (len(tokens) - 1)]
             if len(tokens) > 2 * TAIL_TOKENS:  # freeze the head: the next join reads the tail
                 head = await self.texts.detokenize(tokens[:-TAIL_TOKENS])
-                if head and REPLACEMENT not in head and text.startswith(head):
-                    tail = [
-                        _Segment(head, tokens[:-TAIL_TOKENS]),
-                        _Segment(text[len(head) :], tokens[-TAIL_TOKENS:]),
-                    ]
-            self.segments[start:] = tail
-        ids = list(self.prompt_ids)
-        for segment in self.segments:
-            ids += segment.ids or ()
-        return ids
+                if is_whole(head) and tail.text.startswith(head):
+                    starts[-TAIL_TOKENS] = len(head)
+            self.answer.settle(tail, tokens, starts)
+        return list(self.answer.ids)
 
     # -- candidates out ----------------------------------------------------------------------
 
     async def top_k(self, k: int, *, full: bool = False) -> NextTokens:  # noqa: ARG002
-        """The `k` most likely next pieces of text, renormalised over those kept; as the
-        transformers session, with the entropy estimated from the top logprobs and no whole
-        distribution (`full` cannot be honoured remotely)."""
+        """The `k` most likely next pieces of text, renormalised over those kept (the rules of
+        `common.candidates`), with no whole distribution (`full` cannot be honoured remotely)."""
         if self.closed:
             raise ExpertFailed(f"expert {self.expert}: the decode session is closed")
         ids = await self._ids()
-        ranked = await self._view(ids, k)
-        await self.texts.learn([t for t, _ in ranked])
-        mass: dict[str, float] = {}
-        paths: dict[str, tuple[int, ...]] = {}
-        for rank, (token, lp) in enumerate(ranked):
-            if len(mass) >= k:
-                break
-            kind = self.texts.kinds[token]
-            path: tuple[int, ...] = (token,)
-            if kind == "end":
-                text = ""
-            elif kind == "special":
-                continue
-            else:
-                text = self.texts.texts[token]
-                if REPLACEMENT in text or not text:
-                    completed = await self._complete(ids, token, lp) if rank == 0 else None
-                    if completed is None:
-                        continue
-                    text, path, lp = completed
-            mass[text] = mass.get(text, 0.0) + math.exp(lp)
-            paths.setdefault(text, path)
-        candidates = renormalised(dict(sorted(mass.items(), key=lambda item: -item[1])), paths)
-        return NextTokens(candidates, estimated_entropy([lp for _, lp in ranked]))
+        entries = ranked(await self._view(ids, k))
+        await self.texts.learn([t for t, _ in entries])
+        partial = partial_top(entries, self.texts)
+        completed = await self._complete(ids, *partial) if partial else None
+        return next_tokens(entries, k, self.texts, completed)
 
-    async def _view(self, ids: list[int], k: int) -> list[tuple[int, float]]:
+    async def _view(self, ids: list[int], k: int) -> View:
         """The top logprobs for the token after `ids`: from the draft when the answer has
         followed it, else from a new request (drafting ahead)."""
         draft = self.draft
         if draft is not None:
-            n = len(draft.base)
-            on_base = tuple(ids[:n]) == draft.base
-            j = len(ids) - n
-            if on_base and 0 <= j < len(draft.views) and ids[n:] == draft.tokens[:j]:
-                return draft.views[j]
-            # Past the draft's end on its own tokens: draft further next time; else start over.
-            followed = on_base and ids[n : n + len(draft.tokens)] == draft.tokens
-            self.lookahead = min(self.lookahead * 2, self.max_lookahead) if followed else 1
+            view = await draft.view_for(ids)
+            if view is not None:
+                return view
+            self.lookahead = next_lookahead(draft, ids, self.lookahead, self.max_lookahead)
         room = max(1, self.limit - len(ids))
-        self.draft = await self._request(ids, min(self.lookahead, room), k)
-        return self.draft.views[0]
+        draft = self.draft = await self._request(ids, min(self.lookahead, room), k)
+        draft.used = 1
+        return draft.views[0]  # `_drafted` gives one token at least, and a view for each
 
-    async def _request(self, ids: list[int], tokens: int, k: int) -> _Draft:
+    async def _request(self, ids: list[int], tokens: int, k: int) -> Draft:
         body = {
             "model": self.config.model,
             "prompt": ids,
             "max_tokens": tokens,
             "temperature": 0,
-            "logprobs": min(k + EXTRA_LOGPROBS, MAX_LOGPROBS),
+            "logprobs": min(view_size(k), MAX_LOGPROBS),
             "return_tokens_as_token_ids": True,
         }
         self.completions += 1
@@ -399,16 +321,14 @@ class RemoteSession:
         )
         if ended:
             self.texts.mark_end(chosen[-1])  # the server ended the answer on this token
-        return _Draft(tuple(ids), chosen, views)
+        return Draft.done(ids, chosen, views)
 
-    async def _complete(
-        self, ids: list[int], token: int, lp: float
-    ) -> tuple[str, tuple[int, ...], float] | None:
+    async def _complete(self, ids: list[int], token: int, lp: float) -> Completion | None:
         """Follow the server greedily from a partial-character token until the bytes decode."""
         body = {
             "model": self.config.model,
             "prompt": [*ids, token],
-            "max_tokens": MAX_BYTE_LOOKAHEAD - 1,
+            "max_tokens": MAX_BYTE_LOOKAHEAD,
             "temperature": 0,
             "logprobs": 0,
             "return_tokens_as_token_ids": True,
@@ -417,21 +337,18 @@ class RemoteSession:
         following, following_lps = await post_json(
             self.client, self.config, self.expert, self.texts.completions_url, body, _followed
         )
-        path, total = [token], lp
-        for nxt, nxt_lp in zip([None, *following], [0.0, *following_lps], strict=False):
-            if nxt is not None:
-                path.append(nxt)
-                total += nxt_lp
-            text = await self.texts.detokenize(path)
-            if text and REPLACEMENT not in text:
-                return text, tuple(path), total
+        path = [(token, lp), *zip(following, following_lps, strict=False)]
+        for prefix, logprob in character_prefixes(path):
+            text = await self.texts.detokenize(prefix)
+            if is_whole(text):
+                return Completion(text, prefix, logprob)
         return None
 
     async def aclose(self) -> None:
         """Nothing is held on the server between requests: closing drops the local state."""
         self.closed = True
         self.draft = None
-        self.segments = []
+        self.answer = AnswerTokens(self.prompt_ids)
 
 
 # What is read of each answer, within `post_json`'s `reading`: a missing field or one of the
@@ -463,19 +380,16 @@ def _logprobs(out: Any) -> dict[str, Any]:
     return field_object(_first_choice(out).get("logprobs"), "`logprobs`")
 
 
-def _drafted(out: Any) -> tuple[list[int], list[list[tuple[int, float]]], bool]:
-    """`/v1/completions` with top logprobs: the greedy tokens, the top logprobs before each
-    (best first), and whether the server ended the answer on the last token."""
+def _drafted(out: Any) -> tuple[list[int], list[View], bool]:
+    """`/v1/completions` with top logprobs: the greedy tokens, the top logprobs before each,
+    and whether the server ended the answer on the last token."""
     choice, logprobs = _first_choice(out), _logprobs(out)
     chosen = [_token_id(t) for t in logprobs.get("tokens") or []]
-    views = [
-        sorted(
-            (
-                (_token_id(t), float(lp))
-                for t, lp in field_object(top, "an entry of `top_logprobs`").items()
-            ),
-            key=_by_logprob,
-        )
+    views: list[View] = [
+        {
+            _token_id(t): float(lp)
+            for t, lp in field_object(top, "an entry of `top_logprobs`").items()
+        }
         for top in logprobs.get("top_logprobs") or []
     ]
     if not views or len(views) != len(chosen):
@@ -500,20 +414,3 @@ def _token_id(token: Any) -> int:
         with contextlib.suppress(ValueError):
             return int(token.rsplit(":", 1)[-1])
     raise ValueError(f"not a token id (`return_tokens_as_token_ids`): {str(token)[:40]!r}")
-
-
-def _by_logprob(item: tuple[int, float]) -> tuple[float, int]:
-    return -item[1], item[0]
-
-
-def estimated_entropy(logprobs: Sequence[float]) -> float:
-    """Entropy of a next-token distribution known only by its top logprobs: the kept part
-    exactly, the leftover mass r as tokens of probability min(least kept, r) (a lower bound;
-    see the module docstring)."""
-    probs = [math.exp(lp) for lp in logprobs if lp > -9999.0]
-    if not probs:
-        return 0.0
-    kept = -sum(p * math.log(p) for p in probs if p > 0)
-    rest = max(0.0, 1.0 - sum(probs))
-    bound = min(min(probs), rest)
-    return kept + (rest * -math.log(bound) if bound > 0 else 0.0)

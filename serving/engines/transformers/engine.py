@@ -31,8 +31,6 @@ from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from importlib import resources
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -49,7 +47,7 @@ from ensemble.types import (
     TopLogprob,
 )
 from serving.config import TransformersExpertConfig
-from serving.engines.common.prompts import chat_prompt_ids, check_room
+from serving.engines.common.prompts import chat_prompt_ids, check_room, load_chat_template
 from serving.engines.transformers.batch import PaddedBatch
 from serving.engines.transformers.sampling import logprobs_of, sample
 from serving.engines.transformers.session import TransformersSession
@@ -64,14 +62,6 @@ T = TypeVar("T")
 _LOAD_LOCK = threading.Lock()
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load_chat_template(spec: str | None) -> str | None:
-    if spec is None:
-        return None
-    if spec == "plain":
-        return resources.files("serving.models").joinpath("templates/plain.jinja").read_text()
-    return Path(spec).read_text()
 
 
 class TransformersEngine:

@@ -1,135 +1,92 @@
 """Decode sessions on the transformers engine: next-token candidates for fusion, text in.
 
 A session holds a prompt, the text chosen so far (by whatever fused the experts) and a KV cache
-that follows that text. `extend(text)` re-tokenizes only a window at the tail; when the tokens
-change under the cache (tokenizers merge whitespace and word pieces differently as text grows),
-the cache is cropped to the longest common prefix and the rest re-fed. Every method runs on the
-engine's worker thread.
+that follows that text. `extend(text)` re-tokenizes only a window at the tail
+(`common.retokenize`); when the tokens change under the cache (tokenizers merge whitespace and
+word pieces differently as text grows), the cache is cropped to the longest common prefix and the
+rest re-fed. Candidates follow every engine's rules (`common.candidates`). Every method runs on
+the engine's worker thread.
+
+The entropy: this session has the whole next-token distribution, but `NextTokens.entropy` is
+the estimate every engine gives (`common.entropy`, from the top 20 log-probabilities), not the
+exact entropy, so that a cascade `threshold` means the same for an expert here as on vLLM.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Generator
+from contextlib import closing
+from functools import partial
 from typing import Any
 
 import torch
 
 from ensemble.types import NextTokens
-from serving.engines.common.candidates import (
-    MAX_BYTE_LOOKAHEAD,
-    REPLACEMENT,
-    TAIL_TOKENS,
-    renormalised,
-)
+from serving.engines.common import candidates
+from serving.engines.common.retokenize import AnswerTokens, tokenize_with_starts
 
 
 class TransformersSession:
     def __init__(self, model: Any, tokenizer: Any, prompt_ids: list[int], eos_ids: frozenset[int]):
         self.model = model
         self.tokenizer = tokenizer
-        self.eos_ids = eos_ids
-        self.special_ids = frozenset(tokenizer.all_special_ids) | eos_ids
+        self.pieces = candidates.TokenizerPieces(tokenizer, eos_ids)
+        self.answer = AnswerTokens(prompt_ids)  # prompt + the chosen text, tokenized
+        self._tokenize = partial(tokenize_with_starts, self.tokenizer)
         self.prompt_len = len(prompt_ids)
-        self.ids = list(prompt_ids)  # prompt + the chosen text, tokenized
-        self.starts: list[int] = []  # character offset in `text` where each generated token starts
-        self.text = ""
         self.cache: Any = None
         self.cached: list[int] = []  # ids whose keys and values are in the cache
         self.logits: torch.Tensor | None = None  # next-token logits after `cached`
         self.recrops = 0  # times the tokenization changed under the cache (for diagnostics)
-        self._pieces: dict[int, str] = {}
+
+    @property
+    def ids(self) -> list[int]:
+        return self.answer.ids
 
     # -- text in -----------------------------------------------------------------------------
 
     def extend(self, text: str) -> None:
         """Append chosen text; re-tokenize from a few tokens back, not the whole output."""
-        if not text:
-            return
-        self.text += text
-        generated = self.ids[self.prompt_len :]
-        keep = max(0, len(generated) - TAIL_TOKENS)
-        offset = (
-            self.starts[keep] if keep < len(self.starts) else 0 if keep == 0 else len(self.text)
-        )
-        encoded = self.tokenizer(
-            self.text[offset:], add_special_tokens=False, return_offsets_mapping=True
-        )
-        tail_ids: list[int] = encoded["input_ids"]
-        tail_starts = [offset + start for start, _ in encoded["offset_mapping"]]
-        self.ids = self.ids[: self.prompt_len + keep] + tail_ids
-        self.starts = self.starts[:keep] + tail_starts
+        self.answer.extend(text, self._tokenize)
 
     def extend_ids(self, ids: list[int], text: str) -> None:
         """Append tokens this model chose itself (gated steps, one-expert pools): no re-tokenizing,
         so the session follows the model's own greedy path token for token."""
-        start = len(self.text)
-        self.text += text
-        self.ids += ids
-        self.starts += [start] * len(ids)
+        self.answer.add_ids(ids, text)
 
     # -- candidates out ----------------------------------------------------------------------
 
     @torch.inference_mode()
     def top_k(self, k: int, full: bool = False) -> NextTokens:
-        """The `k` most likely next pieces of text, renormalised over what is kept.
-
-        Special tokens other than end-of-sequence are dropped; every end-of-sequence token
-        becomes one `end` candidate (text ""). A candidate that is only part of a UTF-8
-        character is completed by greedy look-ahead when it is the top one, else dropped. Two
-        tokens with the same text become one candidate carrying both masses.
-        """
+        """The `k` most likely next pieces of text, renormalised over what is kept (the rules of
+        `common.candidates`; a partial character is completed by following the model)."""
         logp = torch.log_softmax(self._sync().float(), dim=-1)
-        top_lp, top_ids = logp.topk(min(k + 8, logp.shape[-1]))
-        mass: dict[str, float] = {}
-        ids: dict[str, tuple[int, ...]] = {}
-        for rank, (token, lp) in enumerate(zip(top_ids.tolist(), top_lp.tolist(), strict=True)):
-            if len(mass) >= k:
-                break
-            path: tuple[int, ...]
-            if token in self.eos_ids:
-                text, path = "", (token,)
-            elif token in self.special_ids:
-                continue
-            else:
-                text, path = self._piece(token), (token,)
-                if REPLACEMENT in text or not text:
-                    completed = self._complete_character(token, lp) if rank == 0 else None
-                    if completed is None:
-                        continue
-                    text, path, lp = completed
-            mass[text] = mass.get(text, 0.0) + math.exp(lp)
-            ids.setdefault(text, path)
-        candidates = renormalised(mass, ids)
-        entropy = float(-(logp.exp() * logp).sum())
-        return NextTokens(candidates, entropy, logp.numpy() if full else None)
+        top_lp, top_ids = logp.topk(min(candidates.view_size(k), logp.shape[-1]))
+        entries = candidates.ranked(dict(zip(top_ids.tolist(), top_lp.tolist(), strict=True)))
+        unfinished = candidates.partial_top(entries, self.pieces)
+        completed = self._complete_character(*unfinished) if unfinished else None
+        return candidates.next_tokens(
+            entries, k, self.pieces, completed, logp.numpy() if full else None
+        )
 
-    def _piece(self, token: int) -> str:
-        piece = self._pieces.get(token)
-        if piece is None:
-            piece = self._pieces[token] = self.tokenizer.decode([token])
-        return piece
-
-    def _complete_character(
-        self, token: int, lp: float
-    ) -> tuple[str, tuple[int, ...], float] | None:
+    def _complete_character(self, token: int, lp: float) -> candidates.Completion | None:
         """Follow the model greedily from a partial-character token until the bytes decode."""
         base = len(self.cached)
         saved = self.logits
-        ids, total = [token], lp
         try:
-            for _ in range(MAX_BYTE_LOOKAHEAD):
-                logits = self._feed([ids[-1]])
-                text = self.tokenizer.decode(ids)
-                if text and REPLACEMENT not in text:
-                    return text, tuple(ids), total
-                nxt = int(logits.argmax())
-                total += float(torch.log_softmax(logits.float(), dim=-1)[nxt])
-                ids.append(nxt)
-            text = self.tokenizer.decode(ids)
-            return (text, tuple(ids), total) if text and REPLACEMENT not in text else None
+            with closing(self._greedy_path(token, lp)) as path:
+                return candidates.complete_character(path, self.pieces.decode)
         finally:
             self._crop_to(base)
             self.logits = saved
+
+    def _greedy_path(self, token: int, lp: float) -> Generator[tuple[int, float], None, None]:
+        """`token`, then the model's greedy tokens after it, fed as they are read."""
+        while True:
+            yield token, lp
+            logits = self._feed([token])
+            token = int(logits.argmax())
+            lp = float(torch.log_softmax(logits.float(), dim=-1)[token])
 
     # -- the cache follows the ids -----------------------------------------------------------
 

@@ -23,20 +23,16 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from ensemble.engine import DecodeSession
 from ensemble.errors import ExpertFailed, ExpertUnavailable, RequestRejected
-from ensemble.types import (
-    FinishReason,
-    GenerationChunk,
-    GenerationRequest,
-    TokenLogprob,
-    TopLogprob,
-)
+from ensemble.types import FinishReason, GenerationChunk, GenerationRequest, TokenLogprob
 from serving.config import VllmExpertConfig
-from serving.engines.common.prompts import chat_prompt_ids, check_room
+from serving.engines.common.prompts import chat_prompt_ids, check_room, load_chat_template
+from serving.engines.vllm.logprobs import token_logprobs
+from serving.engines.vllm.session import VllmSession
 from serving.models import bundled
 
 logger = logging.getLogger(__name__)
@@ -170,8 +166,6 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from serving.engines.transformers.engine import load_chat_template
-
         tokenizer = AutoTokenizer.from_pretrained(args.get("tokenizer") or args["model"])
         template = load_chat_template(self.config.chat_template)
         if template is None and not tokenizer.chat_template:
@@ -271,7 +265,7 @@ class VllmEngine:
                     unsent_tokens[index] += len(sample.token_ids)
                     if sample.logprobs:
                         unsent_logprobs[index].extend(
-                            _token_logprobs(
+                            token_logprobs(
                                 sample.token_ids, sample.logprobs, request.params.top_logprobs
                             )
                         )
@@ -295,8 +289,6 @@ class VllmEngine:
 
     async def open_session(self, request: GenerationRequest) -> DecodeSession:
         self._require()
-        from serving.engines.vllm.session import VllmSession
-
         prompt_ids = self.encode_prompt(request)
         self.check_room(len(prompt_ids), request.params.max_tokens)
         return VllmSession(self, prompt_ids, request.request_id)
@@ -339,25 +331,3 @@ def _finish_reason(name: str, reason: str | None) -> FinishReason | None:
     if reason == "abort":
         raise ExpertFailed(f"expert {name}: vLLM aborted the request")
     return "stop"  # "stop": end-of-sequence, a stop string or a stop token
-
-
-def _token_logprobs(token_ids: Any, logprobs: Any, top_logprobs: int) -> list[TokenLogprob]:
-    """vLLM's per-token {id: Logprob} maps as TokenLogprobs (its ranks order the alternatives)."""
-    out = []
-    for token, entries in zip(token_ids, logprobs, strict=False):
-        chosen = entries[token]
-        ranked: list[tuple[int, Any]] = sorted(
-            ((int(e.rank or 0), e) for e in entries.values()), key=lambda pair: pair[0]
-        )
-        top = tuple(
-            TopLogprob(e.decoded_token or "", float(e.logprob))
-            for rank, e in ranked
-            if 1 <= rank <= top_logprobs
-        )
-        out.append(TokenLogprob(chosen.decoded_token or "", float(chosen.logprob), top))
-    return out
-
-
-def logprob_map(entries: Mapping[int, Any]) -> dict[int, float]:
-    """{token id: logprob} from one position of vLLM's logprobs."""
-    return {int(token): float(e.logprob) for token, e in entries.items()}

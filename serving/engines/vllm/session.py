@@ -2,192 +2,99 @@
 
 A vLLM request costs a fixed overhead (scheduling, inter-process messages, output processing) on
 top of the model step, so asking for one token at a time pays a whole request per token. Here a
-view of the next step comes from a *draft*: one streamed request that decodes the expert's own
-greedy continuation, up to `session_lookahead` tokens long (adapted to how far the chosen text
-has been following the drafts), with the top log-probabilities at every position. While the
-chosen text follows the draft (the expert decides alone on gated steps, the others agree with
-it, a one-expert cascade), the next views are already there or on their way; when the text
-leaves the draft, the rest is aborted and a new draft starts from the new text, on vLLM's prefix
-cache. `score(text)` instead scores a given chunk in one pass with prompt log-probabilities (a
-chunk drafted by another expert), and caches the views along it.
+view of the next step comes from a *draft* (`common.drafts`): one streamed request that decodes
+the expert's own greedy continuation, up to `session_lookahead` tokens long (adapted to how far
+the chosen text has been following the drafts), with the top log-probabilities at every position.
+While the chosen text follows the draft, the next views are already there or on their way; when
+the text leaves the draft, the rest is aborted and a new draft starts from the new text, on
+vLLM's prefix cache. `score(text)` instead scores a given chunk in one pass with prompt
+log-probabilities (a chunk drafted by another expert), and caches the views along it.
 
-Texts chosen by others are re-tokenized from a few tokens back, as the transformers session
-does. vLLM only reports the top log-probabilities, so `NextTokens.entropy` is estimated from
-the top `max_logprobs` (20 by default) with the rest of the mass lumped into one outcome (a lower
-bound), and `full` distributions need `max_logprobs: -1` in the expert's `engine_args`.
+Texts chosen by others are re-tokenized at the tail (`common.retokenize`), candidates follow every
+engine's rules (`common.candidates`; a partial character is completed along the draft), and
+`NextTokens.entropy` is the estimate from the top log-probabilities (`common.entropy`). `full`
+distributions need `max_logprobs: -1` in the expert's `engine_args`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import math
-from collections.abc import AsyncGenerator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator
+from functools import partial
+from typing import Any, Protocol
 
 import numpy as np
 
 from ensemble.errors import ExpertFailed
-from ensemble.types import Candidate, NextTokens
-from serving.engines.common.candidates import (
-    MAX_BYTE_LOOKAHEAD,
-    REPLACEMENT,
-    TAIL_TOKENS,
-    renormalised,
-)
-
-if TYPE_CHECKING:
-    from serving.engines.vllm.engine import VllmEngine
-
-View = dict[int, float]  # {token id: logprob} of one next-token distribution (its top entries)
+from ensemble.types import NextTokens
+from serving.config import VllmExpertConfig
+from serving.engines.common import candidates
+from serving.engines.common.drafts import Draft, Steps, View, next_lookahead
+from serving.engines.common.entropy import ENTROPY_TOP
+from serving.engines.common.retokenize import AnswerTokens, tokenize_with_starts
+from serving.engines.vllm.logprobs import logprob_map
 
 
-class _Draft:
-    """One vLLM request's greedy path from `base`: `views[j]` is the next-token distribution
-    after `base + tokens[:j]`. Filled in the background as vLLM streams."""
+class VllmModel(Protocol):
+    """What a session needs of its engine (`VllmEngine`)."""
 
-    def __init__(self, base: list[int], full: bool) -> None:
-        self.base = base
-        self.full = full
-        self.tokens: list[int] = []
-        self.views: list[View] = []
-        self.used = 0  # views handed out (the furthest one, plus one)
-        self.finished = False
-        self.error: BaseException | None = None
-        self._changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+    @property
+    def name(self) -> str: ...
 
-    @classmethod
-    def streaming(cls, base: list[int], full: bool, stream: AsyncGenerator[Any, None]) -> _Draft:
-        draft = cls(base, full)
-        draft._task = asyncio.create_task(draft._consume(stream))
-        return draft
+    @property
+    def config(self) -> VllmExpertConfig: ...
 
-    @classmethod
-    def done(cls, base: list[int], tokens: list[int], views: list[View]) -> _Draft:
-        draft = cls(base, full=False)
-        draft.tokens, draft.views, draft.finished = tokens, views, True
-        return draft
+    @property
+    def llm(self) -> Any: ...
 
-    async def _consume(self, stream: AsyncGenerator[Any, None]) -> None:
-        from serving.engines.vllm.engine import logprob_map
+    @property
+    def tokenizer(self) -> Any: ...
 
-        try:
-            async for output in stream:
-                sample = output.outputs[0]
-                for token, entries in zip(sample.token_ids, sample.logprobs or (), strict=False):
-                    self.tokens.append(int(token))
-                    self.views.append(logprob_map(entries))
-                self._changed.set()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.error = exc
-        finally:
-            self.finished = True
-            self._changed.set()
-            await stream.aclose()  # aborts the request in vLLM if it is still running
+    @property
+    def eos_ids(self) -> frozenset[int]: ...
 
-    async def _wait(self, tokens: int) -> None:
-        while len(self.tokens) < tokens and not self.finished:
-            self._changed.clear()
-            await self._changed.wait()
+    @property
+    def context_window(self) -> int: ...
 
-    async def view_for(self, ids: Sequence[int]) -> View | None:
-        """The view after `ids` if they follow this draft (waiting for it to get there)."""
-        n = len(self.base)
-        if len(ids) < n or list(ids[:n]) != self.base:
-            return None
-        rest = list(ids[n:])
-        while True:
-            known = min(len(self.tokens), len(rest))
-            if self.tokens[:known] != rest[:known]:
-                return None  # the path left the draft (no need to wait for more of it)
-            if len(self.views) > len(rest):
-                break
-            if self.finished:
-                return None
-            self._changed.clear()
-            await self._changed.wait()
-        self.used = max(self.used, len(rest) + 1)
-        return self.views[len(rest)]
+    @property
+    def max_logprobs(self) -> int: ...
 
-    def followed_past_end(self, ids: Sequence[int]) -> bool:
-        """`ids` went along the whole draft and on beyond it."""
-        path = self.base + self.tokens
-        return self.finished and len(ids) > len(path) and list(ids[: len(path)]) == path
-
-    async def path_from(self, ids: Sequence[int], tokens: int) -> list[tuple[int, float]]:
-        """Up to `tokens` of the draft's own path from `ids`, with their logprobs."""
-        offset = len(ids) - len(self.base)
-        await self._wait(offset + tokens)
-        return [
-            (token, self.views[i].get(token, -math.inf))
-            for i, token in enumerate(self.tokens[offset : offset + tokens], start=offset)
-        ]
-
-    async def cancel(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    def request_id(self, request_id: str) -> str: ...
 
 
 class VllmSession:
-    def __init__(self, engine: VllmEngine, prompt_ids: list[int], request_id: str) -> None:
+    def __init__(self, engine: VllmModel, prompt_ids: list[int], request_id: str) -> None:
         self.expert = engine.name
         self.prompt_tokens = len(prompt_ids)
-        # Draft length: up to `max_lookahead`, adapted to how far the chosen text follows the
-        # drafts (doubled after a draft used to its end, cut to the views used after one that
-        # was left early), so a path that leaves every draft at once pays for one token each.
+        # Draft length (`common.drafts.next_lookahead`): a streamed draft starts at the most.
         self.max_lookahead = self.lookahead = engine.config.session_lookahead
         self.requests = 0  # vLLM requests made (diagnostics, benchmarks)
         self._engine = engine
         self._tokenizer = engine.tokenizer
-        self._eos_ids = engine.eos_ids
-        self._special_ids = frozenset(self._tokenizer.all_special_ids) | self._eos_ids
+        self._pieces = candidates.TokenizerPieces(self._tokenizer, engine.eos_ids)
         self._request_id = request_id
-        self.ids = list(prompt_ids)  # prompt + the chosen text, tokenized
-        self.starts: list[int] = []  # character offset in `text` where each generated token starts
-        self.text = ""
-        self._draft: _Draft | None = None
-        self._pieces: dict[int, str] = {}
+        self.answer = AnswerTokens(prompt_ids)  # prompt + the chosen text, tokenized
+        self._tokenize = partial(tokenize_with_starts, self._tokenizer)
+        self._draft: Draft | None = None
+
+    @property
+    def ids(self) -> list[int]:
+        return self.answer.ids
 
     # -- text in -----------------------------------------------------------------------------
 
-    def _retokenized(self, text: str) -> tuple[list[int], list[int]]:
-        """`ids` and `starts` with `text` appended, re-tokenizing only a few tokens back."""
-        full = self.text + text
-        keep = max(0, len(self.ids) - self.prompt_tokens - TAIL_TOKENS)
-        offset = self.starts[keep] if keep < len(self.starts) else 0 if keep == 0 else len(full)
-        encoded = self._tokenizer(
-            full[offset:], add_special_tokens=False, return_offsets_mapping=True
-        )
-        tail_ids: list[int] = encoded["input_ids"]
-        tail_starts = [offset + start for start, _ in encoded["offset_mapping"]]
-        return (
-            self.ids[: self.prompt_tokens + keep] + tail_ids,
-            self.starts[:keep] + tail_starts,
-        )
-
     async def extend(self, text: str) -> None:
-        if text:
-            self.ids, self.starts = self._retokenized(text)
-            self.text += text
+        self.answer.extend(text, self._tokenize)
 
     async def extend_ids(self, ids: tuple[int, ...], text: str) -> None:
         """Tokens this expert proposed itself: no re-tokenizing, so the session stays on its own
         path (and on its draft)."""
-        start = len(self.text)
-        self.text += text
-        self.ids += ids
-        self.starts += [start] * len(ids)
+        self.answer.add_ids(ids, text)
 
     # -- candidates out ----------------------------------------------------------------------
 
     async def top_k(self, k: int, *, full: bool = False) -> NextTokens:
         if self._engine.context_window - len(self.ids) <= 0:
-            return NextTokens((Candidate("", 0.0, (), end=True),), 0.0)
+            return NextTokens((candidates.END,), 0.0)
         view = await self._view(full)
         return await self._candidates(view, k, full)
 
@@ -198,7 +105,7 @@ class VllmSession:
             if view is not None:
                 return view
         if draft is not None:
-            self._adapt(draft)
+            self.lookahead = next_lookahead(draft, self.ids, self.lookahead, self.max_lookahead)
         await self._drop_draft()
         draft = self._draft = self._start_draft(full)
         view = await draft.view_for(self.ids)
@@ -206,12 +113,6 @@ class VllmSession:
             error = draft.error
             raise ExpertFailed(f"expert {self.expert} failed: {error}") from error
         return view
-
-    def _adapt(self, draft: _Draft) -> None:
-        if draft.followed_past_end(self.ids):
-            self.lookahead = min(self.max_lookahead, self.lookahead * 2)
-        else:
-            self.lookahead = max(1, min(self.max_lookahead, draft.used))
 
     def _logprobs(self, full: bool) -> int:
         engine_max = self._engine.max_logprobs
@@ -222,9 +123,9 @@ class VllmSession:
                     "weighting) need `max_logprobs: -1` in its engine_args"
                 )
             return -1
-        return engine_max if engine_max != -1 else 20
+        return engine_max if engine_max != -1 else ENTROPY_TOP
 
-    def _start_draft(self, full: bool) -> _Draft:
+    def _start_draft(self, full: bool) -> Draft:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -242,7 +143,7 @@ class VllmSession:
         self.requests += 1
         request_id = self._engine.request_id(f"{self._request_id}-s{self.requests}")
         stream = llm.generate(TokensPrompt(prompt_token_ids=list(self.ids)), params, request_id)
-        return _Draft.streaming(list(self.ids), full, stream)
+        return Draft.streaming(self.ids, _steps(stream), full=full)
 
     async def score(self, text: str, k: int = 10) -> list[NextTokens]:
         """Score a chunk of text in one vLLM pass (prompt log-probabilities): the views before
@@ -251,12 +152,11 @@ class VllmSession:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import SamplingParams
 
-        from serving.engines.vllm.engine import logprob_map
-
         llm = self._engine.llm
         if llm is None:
             raise ExpertFailed(f"expert {self.expert} is shut down")
-        ids, _ = self._retokenized(text)
+        tail = self.answer.tail(text)
+        ids = self.answer.retokenized(tail, self._tokenize(tail.text)[0])
         common = 0
         for a, b in zip(self.ids, ids, strict=False):
             if a != b:
@@ -282,44 +182,17 @@ class VllmSession:
         sample = final.outputs[0]
         views = [*prompt_views, logprob_map(sample.logprobs[0])]
         await self._drop_draft()
-        self._draft = _Draft.done(base, [*chunk, *sample.token_ids], views)
+        self._draft = Draft.done(base, [*chunk, *sample.token_ids], views)
         return [await self._candidates(v, k, False) for v in views]
 
     async def _candidates(self, view: View, k: int, full: bool) -> NextTokens:
-        """The `k` most likely next pieces of text, renormalised over what is kept (the same
-        rules as the transformers session: end-of-sequence tokens become one `end` candidate,
-        other special tokens are dropped, a partial UTF-8 character is completed along the
-        draft when it is the top token, tokens with the same text are merged)."""
-        ranked = sorted(view.items(), key=lambda item: -item[1])
-        mass: dict[str, float] = {}
-        ids: dict[str, tuple[int, ...]] = {}
-        for rank, (token, lp) in enumerate(ranked):
-            if len(mass) >= k:
-                break
-            path: tuple[int, ...]
-            if token in self._eos_ids:
-                text, path = "", (token,)
-            elif token in self._special_ids:
-                continue
-            else:
-                text, path = self._piece(token), (token,)
-                if REPLACEMENT in text or not text:
-                    completed = await self._complete_character(token) if rank == 0 else None
-                    if completed is None:
-                        continue
-                    text, path, lp = completed
-            mass[text] = mass.get(text, 0.0) + math.exp(lp)
-            ids.setdefault(text, path)
-        if not mass:  # nothing usable among the top entries: end the answer
-            return NextTokens((Candidate("", 0.0, (), end=True),), 0.0)
-        candidates = renormalised(mass, ids)
-        probs = np.exp(np.fromiter(view.values(), dtype=np.float64))
-        rest = max(0.0, 1.0 - float(probs.sum()))
-        entropy = float(-(probs * np.log(np.maximum(probs, 1e-300))).sum())
-        if rest > 1e-9:
-            entropy -= rest * math.log(rest)
+        """The `k` most likely next pieces of text, renormalised over what is kept (the rules of
+        `common.candidates`; a partial character is completed along the draft)."""
+        entries = candidates.ranked(view)
+        unfinished = candidates.partial_top(entries, self._pieces)
+        completed = await self._complete_character(unfinished[0]) if unfinished else None
         distribution = self._distribution(view) if full else None
-        return NextTokens(candidates, entropy, distribution)
+        return candidates.next_tokens(entries, k, self._pieces, completed, distribution)
 
     def _distribution(self, view: View) -> np.ndarray:
         size = max(len(self._tokenizer), max(view) + 1)
@@ -330,26 +203,15 @@ class VllmSession:
         out[np.fromiter(view.keys(), dtype=np.int64)] = np.fromiter(view.values(), np.float32)
         return out
 
-    async def _complete_character(self, token: int) -> tuple[str, tuple[int, ...], float] | None:
+    async def _complete_character(self, token: int) -> candidates.Completion | None:
         """Follow the draft from a partial-character token until the bytes decode."""
         draft = self._draft
         if draft is None or await draft.view_for(self.ids) is None:
             return None
-        path = await draft.path_from(self.ids, MAX_BYTE_LOOKAHEAD + 1)
+        path = await draft.path_from(self.ids, candidates.MAX_BYTE_LOOKAHEAD + 1)
         if not path or path[0][0] != token:
             return None
-        for end in range(2, len(path) + 1):
-            ids = [t for t, _ in path[:end]]
-            text: str = self._tokenizer.decode(ids)
-            if text and REPLACEMENT not in text:
-                return text, tuple(ids), sum(lp for _, lp in path[:end])
-        return None
-
-    def _piece(self, token: int) -> str:
-        piece = self._pieces.get(token)
-        if piece is None:
-            piece = self._pieces[token] = self._tokenizer.decode([token])
-        return piece
+        return candidates.complete_character(path, self._pieces.decode)
 
     async def _drop_draft(self) -> None:
         draft, self._draft = self._draft, None
@@ -358,3 +220,14 @@ class VllmSession:
 
     async def aclose(self) -> None:
         await self._drop_draft()
+
+
+async def _steps(stream: AsyncGenerator[Any, None]) -> Steps:
+    """A vLLM output stream as a draft's steps: each output's tokens and their views; closing
+    it aborts the request in vLLM if it is still running."""
+    try:
+        async for output in stream:
+            sample = output.outputs[0]
+            yield sample.token_ids, [logprob_map(entries) for entries in sample.logprobs or ()]
+    finally:
+        await stream.aclose()
