@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -35,12 +34,10 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from loadtest import load  # noqa: E402
-from loadtest.load import Subprocess  # noqa: E402
-from serving.models import bundled  # noqa: E402
+import loadtest.servers
+from loadtest import ROOT
+from loadtest.servers import Subprocess
+from serving.models import bundled
 
 MODEL = "smollm2-135m-instruct"
 PROMPTS = [
@@ -73,13 +70,13 @@ class Server:
 
 def start_chorus(name: str, checkout: Path, config: Path, threads: int | None) -> Server:
     env = {"OMP_NUM_THREADS": str(threads)} if threads else None
-    process, url = load.start_chorus(config, env=env, checkout=checkout)
+    process, url = loadtest.servers.start_chorus(config, env=env, checkout=checkout)
     return Server(name, url, process)
 
 
 def start_vllm() -> Server:
     folder = bundled.resolve(f"bundled:{MODEL}")
-    process, url = load.start_vllm(folder, served_name=MODEL, dtype="bfloat16")
+    process, url = loadtest.servers.start_vllm(folder, served_name=MODEL, dtype="bfloat16")
     return Server("vllm", url, process, {"ignore_eos": True})
 
 

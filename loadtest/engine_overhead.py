@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
+from loadtest import ROOT
 from serving.config import TransformersExpertConfig, load_config
 from serving.engines.transformers.engine import TransformersEngine
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
     "Write a long story about a lighthouse keeper.",
     "Explain in detail how a bicycle works.",

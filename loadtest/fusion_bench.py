@@ -15,7 +15,6 @@ import asyncio
 import json
 import time
 from collections import defaultdict
-from pathlib import Path
 
 from ensemble.fuse import FusionStrategy
 from ensemble.types import (
@@ -25,10 +24,10 @@ from ensemble.types import (
     GenerationRequest,
     SamplingParams,
 )
+from loadtest import ROOT
 from serving.config import TransformersExpertConfig, load_config
 from serving.engines.transformers.engine import TransformersEngine
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
     "Explain how a bicycle works.",

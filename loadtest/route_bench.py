@@ -21,13 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from ensemble.types import ChatMessage
+from loadtest import ROOT
 from router import artifact
 from router.embedder import BatchingEmbedder
 from router.semantic import SemanticRouter
 from serving.config import load_config
 from serving.models.embedders import load_embedder
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def pct(values: list[float], q: float) -> float:

@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
+from loadtest import ROOT
 from serving.config import VllmExpertConfig, load_config
 from serving.engines.vllm.engine import VllmEngine
 from serving.engines.vllm.session import VllmSession
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
     "Explain how a bicycle works.",

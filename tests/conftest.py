@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from ensemble.types import ChatMessage, GenerationChunk, GenerationRequest, SamplingParams
-from loadtest.load import free_port, vllm_serve_argv
+from loadtest.servers import Subprocess, free_port, vllm_serve_argv
 
 if TYPE_CHECKING:
     from serving.engines.transformers.engine import TransformersEngine
@@ -125,7 +125,6 @@ class VllmServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = served_name
-        self.log = open(ROOT / ".pytest-vllm.log", "ab")  # noqa: SIM115
         argv = vllm_serve_argv(
             str(bundled.resolve(model)),
             self.port,
@@ -134,27 +133,17 @@ class VllmServer:
             max_model_len=max_model_len,
             extra=extra,
         )
-        self.proc = subprocess.Popen(
+        self.server = Subprocess(
             argv,
-            cwd=ROOT,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ},
-            start_new_session=True,  # its own process group: stop() ends the children too
+            f"{self.url}/health",
+            env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")},
+            log_path=ROOT / ".pytest-vllm.log",
+            new_session=True,  # its own process group: stop() ends the children too
         )
+        self.proc = self.server.proc
 
     def wait_ready(self, timeout_s: float = 240) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm exited with {self.proc.returncode} (.pytest-vllm.log)")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("vllm did not become healthy")
+        self.server.wait_ready(timeout_s)
 
     def alive(self) -> bool:
         """Whether any process of the server's group is still there."""
@@ -176,7 +165,7 @@ class VllmServer:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
-        self.log.close()
+        self.server.stop()  # its process has ended by now: this only closes its log
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,9 @@ import asyncio
 
 import pytest
 
-from loadtest.load import SCENARIOS, RequestOptions, jobs_for, run_jobs, summarize_phase
+from loadtest.client import RequestOptions, run_jobs
+from loadtest.scenarios import SCENARIOS, jobs_for
+from loadtest.stats import summarize_phase
 from tests.conftest import ServerProcess
 
 pytestmark = pytest.mark.integration

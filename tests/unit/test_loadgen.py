@@ -6,16 +6,10 @@ import math
 
 import pytest
 
-from loadtest.load import (
-    SCENARIOS,
-    Result,
-    jobs_for,
-    p50_ratio,
-    percentile,
-    rss_verdict,
-    summarize,
-    summarize_phase,
-)
+from loadtest.client import Result
+from loadtest.rss import rss_verdict
+from loadtest.scenarios import SCENARIOS, jobs_for
+from loadtest.stats import p50_ratio, percentile, summarize, summarize_phase
 
 
 def test_percentile_interpolates_like_numpy() -> None:
