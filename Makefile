@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install install-vllm models router serve test lint fmt bench bench-experts soak calibration clean
+.PHONY: install install-vllm models router serve test test-fast lint fmt bench bench-experts soak calibration clean
 
 install: $(VENV)/.installed $(VENV)/.installed-vllm models router
 
@@ -56,8 +56,14 @@ calibration: $(VENV)/.installed models
 serve: install
 	$(BIN)/chorus serve --config $(CONFIG) --host $(HOST) --port $(PORT)
 
+# Everything (what CI runs), with the slowest tests listed at the end.
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+
+# The quick loop: pure logic and app-level tests (scripted engines, a real server on loopback),
+# no real model and no vLLM server; needs the dependencies, not the prepared models.
+test-fast: $(VENV)/.installed-vllm
+	$(BIN)/python -m pytest tests/unit -m "not integration" -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check router ensemble serving tests loadtest

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from router.cluster import ClusterRouter
-from router.folders import replace_folder
+from router.files import replace_folder
 
 FORMAT_VERSION = 1
 _ARRAYS = ("centroids_", "cluster_scores_", "cluster_counts_", "global_scores_")

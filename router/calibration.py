@@ -6,8 +6,7 @@ A calibration record is one JSON line: `{"query": str, "scores": {expert: float 
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,21 +16,7 @@ from tqdm import tqdm
 
 from router.cluster import ClusterRouter
 from router.embedder import Embedder, Float32Array
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) for every non-blank line; ValueError names a bad line."""
-    with Path(path).open() as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON: {exc.msg}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object")
-            yield number, record
+from router.files import read_jsonl
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
+
+from ensemble.types import ChatMessage
 
 
 @dataclass(frozen=True, slots=True)
@@ -12,3 +16,9 @@ class RouteDecision:
     cluster: int | None = None
     distance: float | None = None
     ood: bool = False
+
+
+class Router(Protocol):
+    """Chooses a pool's experts for a conversation (`StaticRouter`, `SemanticRouter`)."""
+
+    async def route(self, messages: Sequence[ChatMessage]) -> RouteDecision: ...

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from router.embedder import Float32Array
-from router.folders import replace_folder
+from router.files import replace_folder
 
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 

@@ -164,7 +164,7 @@ class VoteStrategyConfig(_Model):
 
 
 class FuseStrategyConfig(_Model):
-    """Token-level fusion: the experts decode one answer together (see README, Fusion)."""
+    """Token-level fusion: the experts decode one answer together (docs/fusion.md)."""
 
     type: Literal["fuse"] = "fuse"
     weighting: Literal["uniform", "static", "core", "dynamic"] = "uniform"

@@ -14,10 +14,9 @@ from tqdm import tqdm
 from ensemble.answers import is_correct
 from ensemble.engine import Engine
 from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
-from router.calibration import read_jsonl
+from router.files import read_jsonl, write_jsonl
 from serving.config import Config
 from serving.engines import build_engine
-from serving.evaluation.datasets import write_jsonl
 
 
 def load_labeled(path: Path) -> list[dict[str, Any]]:

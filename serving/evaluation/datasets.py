@@ -11,9 +11,7 @@ Each record: `{"question": str, "answers": [str, ...], "category": str}`.
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 from typing import Any
 
 CAPITALS = {
@@ -120,12 +118,3 @@ def generate(seed: int = 0, per_category: int = 20) -> dict[str, list[dict[str, 
             q = f"What number comes right after {n}? Answer with the number."
             splits[split].append(_record(q, [str(n + 1)], "successor"))
     return splits
-
-
-def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)

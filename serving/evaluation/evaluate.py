@@ -22,8 +22,8 @@ import httpx
 from tqdm import tqdm
 
 from ensemble.answers import is_correct
+from router.files import write_jsonl
 from serving.config import Config
-from serving.evaluation.datasets import write_jsonl
 
 
 def _free_port() -> int:

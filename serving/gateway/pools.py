@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Protocol
 
-from ensemble.cascade import CascadeStrategy
 from ensemble.engine import Engine, SessionEngine
-from ensemble.fuse import FusionStrategy
-from ensemble.stepwise import Step, StepObserver
+from ensemble.stepwise import Step
 from ensemble.strategy import SingleStrategy, Strategy
-from ensemble.types import ChatMessage
-from ensemble.vote import VotingStrategy
 from router import artifact
-from router.decision import RouteDecision
+from router.decision import Router
 from router.embedder import BatchingEmbedder
 from router.semantic import SemanticRouter
 from router.static import StaticRouter
@@ -28,31 +23,15 @@ from serving.config import (
     Config,
     FuseStrategyConfig,
     PoolConfig,
-    StrategyConfig,
-    VoteStrategyConfig,
 )
 from serving.engines import build_engine
 from serving.engines.common.supervised import supervise
 from serving.gateway.metrics import GatewayMetrics
+from serving.gateway.strategies import build_strategy
 from serving.models.embedders import load_embedder
 
 logger = logging.getLogger(__name__)
 EMBEDDER = "embedder"
-
-
-def build_strategy(config: StrategyConfig, observer: StepObserver | None = None) -> Strategy:
-    settings = config.model_dump(exclude={"type"})
-    if isinstance(config, VoteStrategyConfig):
-        return VotingStrategy(**settings)
-    if isinstance(config, FuseStrategyConfig):
-        return FusionStrategy(**settings, observer=observer)
-    if isinstance(config, CascadeStrategyConfig):
-        return CascadeStrategy(**settings, observer=observer)
-    return SingleStrategy()
-
-
-class Router(Protocol):
-    async def route(self, messages: Sequence[ChatMessage]) -> RouteDecision: ...
 
 
 @dataclass(frozen=True, slots=True)

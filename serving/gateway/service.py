@@ -1,29 +1,22 @@
-"""One chat request, from validated body to OpenAI response: route, run the strategy, shape output.
+"""One chat request through a gateway: route it, run its pool's strategy, read the stream into
+an OpenAI response (`serving.api.responses`), and account for its tokens.
 
-No FastAPI here: `ChatService` returns dicts and SSE strings, so it is testable without HTTP.
+No FastAPI here: `ChatService` takes a validated `ChatRequest` and returns dicts and SSE strings,
+so it is testable without HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
 from ensemble.errors import EngineError
-from ensemble.types import (
-    ChatMessage,
-    EnsembleTrace,
-    GenerationChunk,
-    GenerationRequest,
-    SamplingParams,
-    TokenLogprob,
-)
+from ensemble.types import EnsembleTrace, GenerationChunk
 from router.decision import RouteDecision
 from serving.api.errors import (
     DeadlineExceededError,
@@ -33,7 +26,16 @@ from serving.api.errors import (
     ServiceUnavailableError,
     http_error,
 )
-from serving.api.protocol import ChatCompletionRequest
+from serving.api.responses import (
+    SSE_DONE,
+    SSE_KEEPALIVE,
+    Envelope,
+    delta_choice,
+    logprobs_json,
+    message_choice,
+    sse,
+)
+from serving.api.validation import ChatRequest
 from serving.gateway.pools import Gateway, Target
 
 logger = logging.getLogger(__name__)
@@ -45,9 +47,8 @@ class ChatCall:
     it ended (`outcome`, the status once the answer or an in-stream error was sent; None while
     it runs, and for good when the client left first)."""
 
-    id: str
-    created: int
-    body: ChatCompletionRequest
+    chat: ChatRequest
+    envelope: Envelope
     target: Target
     decision: RouteDecision
     routed: tuple[str, ...]  # the experts the strategy started with, best first
@@ -61,6 +62,10 @@ class ChatCall:
     prompt_tokens: dict[str, int] = field(default_factory=dict)  # per expert
     completion_tokens: int = 0
     outcome: int | None = None
+
+    @property
+    def id(self) -> str:
+        return self.chat.id
 
     def age(self) -> float:
         """Seconds since the request arrived."""
@@ -112,38 +117,18 @@ class ChatService:
         self.gateway = gateway
         self.metrics = gateway.metrics
 
-    async def start(self, body: ChatCompletionRequest, received: float) -> ChatCall:
-        """Validate, route and start generating; raise `GatewayError` before any byte is sent."""
-        if not self.gateway.ready:
-            raise ServiceUnavailableError("Chorus is still loading its experts; retry shortly.")
-        target = self.gateway.target(body.model)
-        max_n = target.strategy.max_n
-        if max_n is not None and body.n > max_n:
-            raise InvalidRequestError(
-                f"`{target.model_id}` is a `{target.strategy.name}` pool, which returns one "
-                f"answer per request: `n` must be at most {max_n}",
-                param="n",
-            )
-        if not self.gateway.can_serve(target):
-            reason = self.gateway.load_errors.get(target.model_id, "no expert of it is available")
-            raise ServiceUnavailableError(f"`{target.model_id}` cannot serve now: {reason}")
-        request = self._generation_request(body)
+    async def start(self, chat: ChatRequest, received: float) -> ChatCall:
+        """Route and start generating; raise `GatewayError` before any byte is sent."""
+        target = self._target(chat)
         route_start = time.perf_counter()
-        try:
-            decision = await target.router.route(request.messages)
-        except Exception as exc:  # an embedder failure is the gateway's, not the client's
-            raise ServiceUnavailableError(f"routing `{target.model_id}` failed: {exc}") from exc
+        decision = await self._route(target, chat)
         route_ms = (time.perf_counter() - route_start) * 1000
-        self.metrics.routing_duration.labels(target.model_id).observe(route_ms / 1000)
-        if decision.ood:
-            self.metrics.route_ood.labels(target.model_id).inc()
-        experts = [self.gateway.engines[name] for name in decision.experts]
-        if not any(e.ready for e in experts):
+        ready = [e for e in (self.gateway.engines[name] for name in decision.experts) if e.ready]
+        if not ready:
             raise ServiceUnavailableError(f"no routed expert of `{target.model_id}` is available")
         trace = EnsembleTrace()
         overhead_ms = (time.perf_counter() - received) * 1000
-        ready = [e for e in experts if e.ready]
-        stream = target.strategy.run(request, ready, trace)
+        stream = target.strategy.run(chat.generation, ready, trace)
         # Wait for real content before answering, so a failure up to here is a clean HTTP error.
         try:
             first = await anext(stream)
@@ -153,9 +138,8 @@ class ChatService:
                 raise http_error(exc) from exc
             raise
         return ChatCall(
-            id=request.request_id,
-            created=int(time.time()),
-            body=body,
+            chat=chat,
+            envelope=Envelope(chat.id, int(time.time()), target.model_id),
             target=target,
             decision=decision,
             routed=tuple(e.name for e in ready),
@@ -167,35 +151,33 @@ class ChatService:
             rest=stream,
         )
 
-    def _generation_request(self, body: ChatCompletionRequest) -> GenerationRequest:
-        limits = self.gateway.config.server
-        stop = body.stop_list()
-        if body.n > limits.max_n:
-            raise InvalidRequestError(f"`n` must be at most {limits.max_n}", param="n")
-        if len(stop) > limits.max_stop:
+    def _target(self, chat: ChatRequest) -> Target:
+        """The pool (or expert) asked for, if it can take this request now."""
+        if not self.gateway.ready:
+            raise ServiceUnavailableError("Chorus is still loading its experts; retry shortly.")
+        target = self.gateway.target(chat.model)
+        max_n = target.strategy.max_n
+        if max_n is not None and chat.n > max_n:
             raise InvalidRequestError(
-                f"at most {limits.max_stop} stop sequences are allowed", param="stop"
+                f"`{target.model_id}` is a `{target.strategy.name}` pool, which returns one "
+                f"answer per request: `n` must be at most {max_n}",
+                param="n",
             )
-        if len(body.messages) > limits.max_messages:
-            raise InvalidRequestError(
-                f"at most {limits.max_messages} messages are allowed", param="messages"
-            )
-        if (body.top_logprobs or 0) > limits.max_top_logprobs:
-            raise InvalidRequestError(
-                f"`top_logprobs` must be at most {limits.max_top_logprobs}", param="top_logprobs"
-            )
-        params = SamplingParams(
-            max_tokens=body.completion_limit(),
-            temperature=body.temperature,
-            top_p=body.top_p,
-            n=body.n,
-            stop=tuple(stop),
-            seed=body.seed,
-            logprobs=body.logprobs,
-            top_logprobs=body.top_logprobs or 0,
-        )
-        messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
-        return GenerationRequest(f"chatcmpl-{uuid.uuid4().hex}", messages, params)
+        if not self.gateway.can_serve(target):
+            reason = self.gateway.load_errors.get(target.model_id, "no expert of it is available")
+            raise ServiceUnavailableError(f"`{target.model_id}` cannot serve now: {reason}")
+        return target
+
+    async def _route(self, target: Target, chat: ChatRequest) -> RouteDecision:
+        started = time.perf_counter()
+        try:
+            decision = await target.router.route(chat.generation.messages)
+        except Exception as exc:  # an embedder failure is the gateway's, not the client's
+            raise ServiceUnavailableError(f"routing `{target.model_id}` failed: {exc}") from exc
+        self.metrics.routing_duration.labels(target.model_id).observe(time.perf_counter() - started)
+        if decision.ood:
+            self.metrics.route_ood.labels(target.model_id).inc()
+        return decision
 
     # -- reading the stream ------------------------------------------------------------------
 
@@ -244,28 +226,20 @@ class ChatService:
                 continue
             self._count(call, chunk)
             texts.setdefault(chunk.index, []).append(chunk.text)
-            logprobs.setdefault(chunk.index, []).extend(_logprob_json(chunk.logprobs))
+            logprobs.setdefault(chunk.index, []).extend(logprobs_json(chunk.logprobs))
             if chunk.finish_reason:
                 finish[chunk.index] = chunk.finish_reason
         choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": "".join(texts.get(i, []))},
-                "logprobs": {"content": logprobs.get(i, [])} if call.body.logprobs else None,
-                "finish_reason": finish.get(i, "stop"),
-            }
-            for i in range(call.body.n)
+            message_choice(
+                i,
+                "".join(texts.get(i, [])),
+                finish.get(i, "stop"),
+                logprobs.get(i, []) if call.chat.logprobs else None,
+            )
+            for i in range(call.chat.n)
         ]
         call.outcome = 200
-        return {
-            "id": call.id,
-            "object": "chat.completion",
-            "created": call.created,
-            "model": call.target.model_id,
-            "choices": choices,
-            "usage": call.usage(),
-            "chorus": call.chorus(),
-        }
+        return call.envelope.completion(choices, call.usage(), call.chorus())
 
     async def stream(
         self, call: ChatCall, deadline_s: float | None = None
@@ -274,103 +248,42 @@ class ChatService:
 
         Once bytes are out the HTTP status stays 200: an error is sent as an error event before
         [DONE], and its status is the call's `outcome`."""
+        envelope = call.envelope
         try:
-            for i in range(call.body.n):
-                yield _sse(
-                    self._chunk(call, i, {"role": "assistant", "content": ""}, with_meta=True)
-                )
+            for i in range(call.chat.n):
+                role = delta_choice(i, {"role": "assistant", "content": ""})
+                yield sse(envelope.chunk([role], chorus=call.chorus()))
             # A choice's finishing chunk carries the `chorus` object, so it waits for the
             # strategy's end: token-level strategies complete their trace as they finish.
             finishing: list[GenerationChunk] = []
             async for chunk in self._chunks(call, deadline_s):
                 if chunk.keepalive:
-                    yield ": keep-alive\n\n"
+                    yield SSE_KEEPALIVE
                     continue
                 self._count(call, chunk)
                 if chunk.finish_reason is not None:
                     finishing.append(chunk)
                 elif chunk.text:  # else accounting only: tokens of samples that lost a vote
-                    yield _sse(self._delta(call, chunk))
+                    yield sse(envelope.chunk([self._delta(call, chunk)]))
             for chunk in finishing:
-                yield _sse(self._delta(call, chunk))
-            options = call.body.stream_options
-            if options is not None and options.include_usage:
-                yield _sse(self._envelope(call, [], usage=call.usage(), chorus=call.chorus()))
+                yield sse(envelope.chunk([self._delta(call, chunk)], chorus=call.chorus()))
+            if call.chat.include_usage:
+                yield sse(envelope.chunk([], usage=call.usage(), chorus=call.chorus()))
             call.outcome = 200
         except GatewayError as exc:
             call.outcome = exc.status_code
-            yield _sse(exc.to_dict())
+            yield sse(exc.to_dict())
         except Exception as exc:  # a defect: the client still gets an error event and [DONE]
             logger.error("request %s failed mid-stream", call.id, exc_info=exc)
             error = InternalError("Internal server error.")
             call.outcome = error.status_code
-            yield _sse(error.to_dict())
-        yield "data: [DONE]\n\n"
+            yield sse(error.to_dict())
+        yield SSE_DONE
 
     def _delta(self, call: ChatCall, chunk: GenerationChunk) -> dict[str, Any]:
-        return self._chunk(
-            call,
+        return delta_choice(
             chunk.index,
             {"content": chunk.text} if chunk.text else {},
-            finish=chunk.finish_reason,
-            logprobs=chunk.logprobs if call.body.logprobs else None,
-            with_meta=chunk.finish_reason is not None,
+            chunk.finish_reason,
+            chunk.logprobs if call.chat.logprobs else None,
         )
-
-    def _chunk(
-        self,
-        call: ChatCall,
-        index: int,
-        delta: dict[str, Any],
-        *,
-        finish: str | None = None,
-        logprobs: tuple[TokenLogprob, ...] | None = None,
-        with_meta: bool = False,
-    ) -> dict[str, Any]:
-        choice = {
-            "index": index,
-            "delta": delta,
-            "logprobs": {"content": _logprob_json(logprobs)} if logprobs is not None else None,
-            "finish_reason": finish,
-        }
-        return self._envelope(call, [choice], chorus=call.chorus() if with_meta else None)
-
-    def _envelope(
-        self,
-        call: ChatCall,
-        choices: list[dict[str, Any]],
-        *,
-        usage: dict[str, int] | None = None,
-        chorus: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "id": call.id,
-            "object": "chat.completion.chunk",
-            "created": call.created,
-            "model": call.target.model_id,
-            "choices": choices,
-        }
-        if usage is not None:
-            out["usage"] = usage
-        if chorus is not None:
-            out["chorus"] = chorus
-        return out
-
-
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-def _logprob_json(items: tuple[TokenLogprob, ...] | None) -> list[dict[str, Any]]:
-    return [
-        {
-            "token": item.token,
-            "logprob": item.logprob,
-            "bytes": list(item.token.encode("utf-8")),
-            "top_logprobs": [
-                {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode("utf-8"))}
-                for t in item.top
-            ],
-        }
-        for item in items or ()
-    ]

@@ -36,7 +36,6 @@ class RequestScope:
     def __init__(
         self,
         gateway: Gateway,
-        model: str,
         *,
         slots: ConcurrencyLimit | None,
         timeout_s: float | None,
@@ -44,13 +43,18 @@ class RequestScope:
     ) -> None:
         self.gateway = gateway
         self.metrics: GatewayMetrics = gateway.metrics
-        self.pool = model if model in gateway.targets else "unknown"
+        self.pool = "unknown"  # until the body names a model this gateway serves
         self.slots = slots
         self.timeout_s = timeout_s
         self.received = received  # time.perf_counter() at arrival
         self.call: ChatCall | None = None
         self._admitted = False
         self._closed = False
+
+    def label(self, model: str) -> None:
+        """Count the request under the pool (or expert) it asks for, if it exists."""
+        if model in self.gateway.targets:
+            self.pool = model
 
     async def admit(self) -> None:
         """Take a slot (waiting in the queue if need be) and count the request as in flight."""

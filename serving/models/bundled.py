@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from router.folders import replace_folder
+from router.files import replace_folder
 
 logger = logging.getLogger(__name__)
 

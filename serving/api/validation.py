@@ -1,0 +1,94 @@
+"""The one validation stage: a chat request's raw body and the server's limits in, a
+`ChatRequest` out, or an `InvalidRequestError` (400) that names the field.
+
+The body's shape and ranges are the wire models' (`serving.api.protocol`, pydantic); what
+depends on the operator's limits is checked here; what depends on the pool asked for (its
+strategy's `n`, whether it can serve now) is the gateway's (`serving.gateway.service`).
+Everything after this stage reads the `ChatRequest`, never the body.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
+from serving.api.errors import InvalidRequestError
+from serving.api.protocol import ChatCompletionRequest
+from serving.config import ServerConfig, key_path
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """A chat request that passed validation: what to generate and how to answer."""
+
+    model: str
+    generation: GenerationRequest
+    stream: bool
+    include_usage: bool  # stream a usage chunk before [DONE]
+
+    @property
+    def id(self) -> str:
+        return self.generation.request_id
+
+    @property
+    def n(self) -> int:
+        return self.generation.params.n
+
+    @property
+    def logprobs(self) -> bool:
+        return self.generation.params.logprobs
+
+
+def validate_chat(raw: bytes, limits: ServerConfig) -> ChatRequest:
+    """Parse and check a request body; `InvalidRequestError` names the field."""
+    try:
+        body = ChatCompletionRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise _invalid(exc.errors()) from None
+    return _within_limits(body, limits)
+
+
+def _invalid(errors: list[Any]) -> InvalidRequestError:
+    """The first problem pydantic found, as OpenAI clients expect it (never FastAPI's 422)."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return InvalidRequestError("The request body is not valid JSON.")
+    param = key_path(list(first.get("loc", ()))) or None
+    message = first.get("msg", "invalid request")
+    return InvalidRequestError(f"{param}: {message}" if param else message, param=param)
+
+
+def _within_limits(body: ChatCompletionRequest, limits: ServerConfig) -> ChatRequest:
+    stop = body.stop_list()
+    if body.n > limits.max_n:
+        raise InvalidRequestError(f"`n` must be at most {limits.max_n}", param="n")
+    if len(stop) > limits.max_stop:
+        raise InvalidRequestError(
+            f"at most {limits.max_stop} stop sequences are allowed", param="stop"
+        )
+    if len(body.messages) > limits.max_messages:
+        raise InvalidRequestError(
+            f"at most {limits.max_messages} messages are allowed", param="messages"
+        )
+    if (body.top_logprobs or 0) > limits.max_top_logprobs:
+        raise InvalidRequestError(
+            f"`top_logprobs` must be at most {limits.max_top_logprobs}", param="top_logprobs"
+        )
+    params = SamplingParams(
+        max_tokens=body.completion_limit(),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        n=body.n,
+        stop=tuple(stop),
+        seed=body.seed,
+        logprobs=body.logprobs,
+        top_logprobs=body.top_logprobs or 0,
+    )
+    messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
+    generation = GenerationRequest(f"chatcmpl-{uuid.uuid4().hex}", messages, params)
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return ChatRequest(body.model, generation, body.stream, include_usage)
