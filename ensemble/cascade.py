@@ -1,7 +1,8 @@
 """The `cascade` strategy: a cheap expert drafts; a stronger one takes over while it is unsure.
 
 Entropy Adaptive Decoding (Simonds 2025): at each step the draft expert's next-token entropy
-joins a rolling window; while the window's mean exceeds `threshold` (nats), the strong expert
+(the engines' shared top-20 estimate, so a threshold means the same on every engine) joins a
+rolling window; while the window's mean exceeds `threshold` (nats), the strong expert
 chooses the token, otherwise the draft's own choice stands. Both continue from the same text.
 If one of them fails, the other carries on alone.
 """
@@ -12,11 +13,8 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 
-import numpy as np
-
 from ensemble.engine import Engine
-from ensemble.errors import ExpertFailed
-from ensemble.stepwise import StepObserver, Stepper, own_choice, session_engines
+from ensemble.stepwise import Picker, StepObserver, Stepper, session_engines, sole_weights
 from ensemble.types import (
     CascadeSummary,
     EnsembleTrace,
@@ -58,52 +56,58 @@ class CascadeStrategy:
     ) -> AsyncGenerator[GenerationChunk, None]:
         engines = session_engines(self._order(experts), self.name)
         names = [e.name for e in engines]
-        params = request.params
+        max_tokens = request.params.max_tokens or self.max_tokens
         # The strong expert is session 0: its tokenizer defines the output, like a fuse primary.
-        stepper = await Stepper.open(engines, request, params.max_tokens or self.max_tokens)
-        temperature = params.temperature if params.temperature is not None else 0.0
-        top_p = params.top_p if params.top_p is not None else 1.0
-        rng = np.random.default_rng(params.seed)
-        recent: deque[float] = deque(maxlen=self.window)
-        stepper.observer = self.observer
+        picker = Picker.of(request.params)
+        stepper = await Stepper.open(engines, request, max_tokens, self.observer)
+        recent: deque[float] = deque(maxlen=self.window)  # the draft's latest entropies
         try:
             while not stepper.finished:
-                started = time.perf_counter()
-                draft_index = len(stepper.sessions) - 1  # 0 once either expert has failed
-                try:
-                    draft_view = await stepper.view(draft_index, self.candidates)
-                except ExpertFailed as exc:
-                    await stepper.drop([draft_index], exc)
-                    continue
-                recent.append(draft_view.entropy)
-                escalate = draft_index > 0 and sum(recent) / len(recent) > self.threshold
-                views: list[NextTokens | None] = [None] * len(stepper.sessions)
-                views[draft_index] = draft_view
-                chooser = draft_index
-                if escalate:
-                    try:
-                        views[0] = await stepper.view(0, self.candidates)
-                        chooser = 0
-                    except ExpertFailed as exc:
-                        await stepper.drop([0], exc)
-                        views, chooser = [draft_view], 0
-                view = views[chooser]
-                assert view is not None
-                chosen = own_choice(view, temperature, top_p, rng)
-                live = stepper.experts
-                weights = {n: float(i == chooser) for i, n in enumerate(live)}
-                chunk = stepper.choose(
-                    chosen, views, producer=live[chooser], weights=weights, gated=False,
-                    started=started,
-                )  # fmt: skip
+                chunk = await self._step(stepper, picker, recent)
                 if chunk is not None:
                     yield chunk
             for chunk in stepper.accounting():
                 yield chunk
         finally:
             await stepper.aclose()
-            shares = stepper.shares()
-            trace.experts.extend(names)
-            trace.weights.extend(shares[n] for n in names)
-            trace.failed.extend(stepper.failed)
-            trace.cascade = CascadeSummary(names[-1], stepper.steps, shares)
+            self._record(trace, stepper, names)
+
+    async def _step(
+        self, stepper: Stepper, picker: Picker, recent: deque[float]
+    ) -> GenerationChunk | None:
+        """One step: the draft's view, and the strong expert's while the draft is unsure (its
+        recent entropies average above `threshold`); the one deciding takes its own choice."""
+        started = time.perf_counter()
+        draft = len(stepper.sessions) - 1  # 0 once either expert has failed
+        draft_view = await stepper.try_view(draft, self.candidates)
+        if draft_view is None:  # it failed and was dropped: the strong expert carries on alone
+            return None
+        recent.append(draft_view.entropy)
+        views: list[NextTokens | None]
+        if draft > 0 and sum(recent) / len(recent) > self.threshold:
+            views, chooser = await self._escalated(stepper, draft_view), 0
+        else:
+            views, chooser = [*[None] * draft, draft_view], draft
+        view = views[chooser]
+        assert view is not None
+        chosen = picker.own(view)
+        live = stepper.experts
+        weights = sole_weights(live, chooser)
+        return stepper.choose(
+            chosen, views, producer=live[chooser], weights=weights, gated=False, started=started
+        )
+
+    async def _escalated(self, stepper: Stepper, draft_view: NextTokens) -> list[NextTokens | None]:
+        """The views for a step the strong expert decides: its own and the draft's. If it fails,
+        it is dropped and the draft's view is the only one (the draft, now session 0, decides)."""
+        strong = await stepper.try_view(0, self.candidates)
+        return [draft_view] if strong is None else [strong, draft_view]
+
+    def _record(self, trace: EnsembleTrace, stepper: Stepper, names: list[str]) -> None:
+        """The trace: each expert's share of the pieces as its weight, those that failed, and
+        the cascade summary."""
+        shares = stepper.shares()
+        trace.experts.extend(names)
+        trace.weights.extend(shares[n] for n in names)
+        trace.failed.extend(stepper.failed)
+        trace.cascade = CascadeSummary(names[-1], stepper.steps, shares)

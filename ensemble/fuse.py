@@ -17,14 +17,15 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from ensemble import fusion
-from ensemble.engine import Engine
+from ensemble.engine import Engine, SessionEngine
 from ensemble.errors import ExpertFailed
-from ensemble.stepwise import StepObserver, Stepper, own_choice, session_engines
+from ensemble.stepwise import Picker, StepObserver, Stepper, session_engines, sole_weights
 from ensemble.types import (
     Candidate,
     EnsembleTrace,
@@ -35,6 +36,20 @@ from ensemble.types import (
 )
 
 Weighting = Literal["uniform", "static", "core", "dynamic"]
+
+
+@dataclass(slots=True)
+class _Tally:
+    """What one fusion's trace reports, counted as it runs."""
+
+    weight_sums: dict[str, float]  # each expert's weights summed over the fused steps
+    fused: int = 0  # steps the experts' views were fused
+    gated: int = 0  # steps the primary decided alone while others were live
+
+    def add_fused(self, weights: Mapping[str, float]) -> None:
+        self.fused += 1
+        for name, weight in weights.items():
+            self.weight_sums[name] += weight
 
 
 class FusionStrategy:
@@ -63,79 +78,73 @@ class FusionStrategy:
     async def run(
         self, request: GenerationRequest, experts: Sequence[Engine], trace: EnsembleTrace
     ) -> AsyncGenerator[GenerationChunk, None]:
-        engines = session_engines(experts, self.name)
-        if self.weighting == "dynamic" and len({e.vocabulary for e in engines}) > 1:
-            raise ValueError("`dynamic` weights need experts that share one vocabulary")
-        params = request.params
-        max_tokens = params.max_tokens or self.max_tokens
-        full = self.weighting == "dynamic"
-        stepper = await Stepper.open(engines, request, max_tokens)
-        rng = np.random.default_rng(params.seed)
-        temperature = params.temperature if params.temperature is not None else 0.0
-        top_p = params.top_p if params.top_p is not None else 1.0
-        stepper.observer = self.observer
-        weight_sums: dict[str, float] = dict.fromkeys((e.name for e in engines), 0.0)
-        fused_steps = gated_steps = 0
+        engines = self._engines(experts)
+        max_tokens = request.params.max_tokens or self.max_tokens
+        picker = Picker.of(request.params)
+        stepper = await Stepper.open(engines, request, max_tokens, self.observer)
+        tally = _Tally(dict.fromkeys((e.name for e in engines), 0.0))
         try:
             while not stepper.finished:
-                started = time.perf_counter()
-                try:
-                    primary = await stepper.view(0, self.candidates, full=full)
-                except ExpertFailed as exc:
-                    await stepper.drop([0], exc)
-                    continue
-                top = max(primary.candidates, key=lambda c: c.logprob)
-                gated = len(stepper.sessions) == 1 or (
-                    self.gate is not None and math.exp(top.logprob) >= self.gate
-                )
-                others: list[NextTokens] = []
-                if not gated:
-                    others = await self._others(stepper, full)
-                    gated = not others
-                names = stepper.experts
-                if gated:
-                    views: list[NextTokens | None] = [primary] + [None] * (len(names) - 1)
-                    chosen = own_choice(primary, temperature, top_p, rng)
-                    step_weights = np.eye(len(names))[0]
-                    producer = names[0]
-                    gated_steps += len(names) > 1
-                else:
-                    views = [primary, *others]
-                    chosen, step_weights, producer = self._fuse(
-                        [primary, *others], names, top, temperature, top_p, rng
-                    )
-                    fused_steps += 1
-                weights = dict(zip(names, map(float, step_weights), strict=True))
-                if not gated:
-                    for name, weight in weights.items():
-                        weight_sums[name] += weight
-                chunk = stepper.choose(
-                    chosen, views, producer=producer, weights=weights, gated=gated, started=started
-                )
+                chunk = await self._step(stepper, picker, tally)
                 if chunk is not None:
                     yield chunk
             for chunk in stepper.accounting():
                 yield chunk
         finally:
             await stepper.aclose()
-            steps = max(stepper.steps, 1)
-            if not fused_steps:  # the primary alone decided every step
-                lead = stepper.experts[0] if stepper.sessions else engines[0].name
-                weight_sums, fused_steps = {n: float(n == lead) for n in weight_sums}, 1
-            trace.experts.extend(weight_sums)
-            trace.weights.extend(round(w / fused_steps, 6) for w in weight_sums.values())
-            trace.failed.extend(stepper.failed)
-            trace.fusion = FusionSummary(
-                self.weighting,
-                stepper.steps,
-                stepper.shares(),
-                round(gated_steps / steps, 4) if len(engines) > 1 else 0.0,
-            )
+            self._record(trace, stepper, tally, engines)
 
-    async def _others(self, stepper: Stepper, full: bool) -> list[NextTokens]:
+    def _engines(self, experts: Sequence[Engine]) -> list[SessionEngine]:
+        engines = session_engines(experts, self.name)
+        # Defensive: the gateway refuses such pools at start-up (`_check_token_level_pools`).
+        if self.weighting == "dynamic" and len({e.vocabulary for e in engines}) > 1:
+            raise ValueError("`dynamic` weights need experts that share one vocabulary")
+        return engines
+
+    @property
+    def _full(self) -> bool:
+        """Whether views carry whole distributions (`dynamic` weights fuse those)."""
+        return self.weighting == "dynamic"
+
+    async def _step(
+        self, stepper: Stepper, picker: Picker, tally: _Tally
+    ) -> GenerationChunk | None:
+        """One step: the primary's view; the others' too unless the primary decides alone (it is
+        sure, or the only one left); then the fused choice, or the primary's own."""
+        started = time.perf_counter()
+        primary = await stepper.try_view(0, self.candidates, full=self._full)
+        if primary is None:  # it failed and was dropped: the next expert is the primary now
+            return None
+        top = max(primary.candidates, key=lambda c: c.logprob)
+        others = [] if self._alone(stepper, top) else await self._others(stepper)
+        names = stepper.experts
+        views: list[NextTokens | None]
+        if others:
+            views = [primary, *others]
+            chosen, weights, producer = self._fuse([primary, *others], names, top, picker)
+            tally.add_fused(weights)
+        else:  # gated, or every other expert failed just now
+            views = [primary] + [None] * (len(names) - 1)
+            chosen, weights, producer = picker.own(primary), sole_weights(names, 0), names[0]
+            tally.gated += len(names) > 1
+        return stepper.choose(
+            chosen, views, producer=producer, weights=weights, gated=not others, started=started
+        )
+
+    def _alone(self, stepper: Stepper, top: Candidate) -> bool:
+        """Whether the primary decides alone: it is the only expert left, or its top candidate's
+        probability reaches the gate."""
+        return len(stepper.sessions) == 1 or (
+            self.gate is not None and math.exp(top.logprob) >= self.gate
+        )
+
+    async def _others(self, stepper: Stepper) -> list[NextTokens]:
         """The views of every expert but the primary; those that fail are dropped."""
         results = await asyncio.gather(
-            *(stepper.view(i, self.candidates, full=full) for i in range(1, len(stepper.sessions))),
+            *(
+                stepper.view(i, self.candidates, full=self._full)
+                for i in range(1, len(stepper.sessions))
+            ),
             return_exceptions=True,
         )
         for result in results:
@@ -146,17 +155,39 @@ class FusionStrategy:
             await stepper.drop(list(errors), next(iter(errors.values())))
         return [r for r in results if not isinstance(r, BaseException)]
 
+    def _record(
+        self, trace: EnsembleTrace, stepper: Stepper, tally: _Tally, engines: Sequence[Engine]
+    ) -> None:
+        """The trace: each expert's mean weight over the fused steps, those that failed, and
+        the fusion summary."""
+        weight_sums, fused = tally.weight_sums, tally.fused
+        if not fused:  # the primary alone decided every step
+            lead = stepper.experts[0] if stepper.sessions else engines[0].name
+            weight_sums, fused = {n: float(n == lead) for n in weight_sums}, 1
+        trace.experts.extend(weight_sums)
+        trace.weights.extend(round(w / fused, 6) for w in weight_sums.values())
+        trace.failed.extend(stepper.failed)
+        steps = max(stepper.steps, 1)
+        trace.fusion = FusionSummary(
+            self.weighting,
+            stepper.steps,
+            stepper.shares(),
+            round(tally.gated / steps, 4) if len(engines) > 1 else 0.0,
+        )
+
     def _fuse(
-        self,
-        views: list[NextTokens],
-        names: list[str],
-        primary_top: Candidate,
-        temperature: float,
-        top_p: float,
-        rng: np.random.Generator,
-    ) -> tuple[Candidate, np.ndarray, str]:
+        self, views: list[NextTokens], names: list[str], primary_top: Candidate, picker: Picker
+    ) -> tuple[Candidate, dict[str, float], str]:
+        """The fused choice, each expert's weight, and the expert credited with the choice."""
         if self.weighting == "dynamic":
-            return self._fuse_dynamic(views, names, temperature, top_p, rng)
+            chosen, weights, producer = self._fuse_dynamic(views, names, picker)
+        else:
+            chosen, weights, producer = self._fuse_aligned(views, names, primary_top, picker)
+        return chosen, dict(zip(names, map(float, weights), strict=True)), producer
+
+    def _fuse_aligned(
+        self, views: list[NextTokens], names: list[str], primary_top: Candidate, picker: Picker
+    ) -> tuple[Candidate, np.ndarray, str]:
         keys = fusion.union_keys(views)
         matrix = fusion.expert_matrix(views, keys)
         filters = None
@@ -167,20 +198,13 @@ class FusionStrategy:
         else:
             weights = fusion.uniform_weights(len(names))
         fused = fusion.fuse(matrix, weights, filters)
-        index = fusion.pick(
-            keys, fused, primary_top.text, temperature=temperature, top_p=top_p, rng=rng
-        )
+        index = picker.pick(keys, fused, primary_top.text)
         key = keys[index]
         producer = names[int(np.argmax(weights * matrix[:, index]))]
         return Candidate(key, math.log(fused[index]), (), end=key == fusion.END), weights, producer
 
     def _fuse_dynamic(
-        self,
-        views: list[NextTokens],
-        names: list[str],
-        temperature: float,
-        top_p: float,
-        rng: np.random.Generator,
+        self, views: list[NextTokens], names: list[str], picker: Picker
     ) -> tuple[Candidate, np.ndarray, str]:
         # Same vocabulary: fuse whole distributions, then read the text off the primary's view
         # or, for a token outside it, off the expert that proposed it.
@@ -192,10 +216,7 @@ class FusionStrategy:
         options = [by_id[i] for i in top_ids if i in by_id] or [views[0].candidates[0]]
         probs = np.exp([pooled[c.token_ids[0]] if c.token_ids else -50.0 for c in options])
         keys = [c.text for c in options]
-        index = fusion.pick(
-            keys, probs / probs.sum(), keys[0], temperature=temperature, top_p=top_p, rng=rng
-        )
-        chosen = options[index]
+        chosen = options[picker.pick(keys, probs / probs.sum(), keys[0])]
         token = chosen.token_ids[0]
         credit = [w * math.exp(d[token]) for w, d in zip(weights, dists, strict=True)]
         return chosen, weights, names[int(np.argmax(credit))]

@@ -1,5 +1,6 @@
-"""What token-level strategies share: decode sessions kept in step with the chosen text, stop
-strings, length limits, output chunks, and a record of every step."""
+"""What token-level strategies share: decode sessions kept in step with the chosen text, experts
+left out when they fail, stop strings, length limits, the request's sampling of each piece, output
+chunks, and a record of every step."""
 
 from __future__ import annotations
 
@@ -13,9 +14,16 @@ import numpy as np
 
 from ensemble.engine import DecodeSession, Engine, SessionEngine
 from ensemble.errors import ExpertFailed
-from ensemble.fusion import pick
+from ensemble.fusion import FloatArray, pick
 from ensemble.text import StopScanner
-from ensemble.types import Candidate, FinishReason, GenerationChunk, GenerationRequest, NextTokens
+from ensemble.types import (
+    Candidate,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    NextTokens,
+    SamplingParams,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +41,8 @@ StepObserver = Callable[[Step], None]
 
 
 def session_engines(experts: Sequence[Engine], strategy: str) -> list[SessionEngine]:
+    """The experts as session engines. A defensive check: the gateway refuses such pools at
+    start-up (serving/gateway/pools.py `_check_token_level_pools`)."""
     engines = [e for e in experts if isinstance(e, SessionEngine)]
     if len(engines) != len(experts):
         missing = [e.name for e in experts if not isinstance(e, SessionEngine)]
@@ -40,17 +50,42 @@ def session_engines(experts: Sequence[Engine], strategy: str) -> list[SessionEng
     return engines
 
 
-def own_choice(
-    view: NextTokens, temperature: float, top_p: float, rng: np.random.Generator
-) -> Candidate:
-    """One expert's own pick from its candidates: its top one, or a sample."""
-    ranked = sorted(view.candidates, key=lambda c: -c.logprob)
-    if temperature == 0:
-        return ranked[0]
-    keys = [c.text for c in ranked]
-    probs = np.exp([c.logprob for c in ranked])
-    index = pick(keys, probs / probs.sum(), keys[0], temperature=temperature, top_p=top_p, rng=rng)
-    return ranked[index]
+def sole_weights(experts: Sequence[str], index: int) -> dict[str, float]:
+    """Step weights when the expert at `index` alone decided: 1.0 for it, 0.0 for the others."""
+    return {name: float(i == index) for i, name in enumerate(experts)}
+
+
+@dataclass(frozen=True, slots=True)
+class Picker:
+    """How one request's pieces are picked: its temperature (greedy unless given), its top_p, and
+    a generator seeded with its seed."""
+
+    temperature: float
+    top_p: float
+    rng: np.random.Generator
+
+    @classmethod
+    def of(cls, params: SamplingParams) -> Picker:
+        temperature = params.temperature if params.temperature is not None else 0.0
+        top_p = params.top_p if params.top_p is not None else 1.0
+        # numpy seeds are non-negative; the API's (like vLLM's) may be any integer.
+        seed = None if params.seed is None else params.seed % 2**64
+        return cls(temperature, top_p, np.random.default_rng(seed))
+
+    def pick(self, keys: Sequence[str], probs: FloatArray, primary: str) -> int:
+        """The index of the key chosen from `probs` (see `ensemble.fusion.pick`)."""
+        return pick(
+            keys, probs, primary, temperature=self.temperature, top_p=self.top_p, rng=self.rng
+        )
+
+    def own(self, view: NextTokens) -> Candidate:
+        """One expert's own pick from its candidates: its top one, or a sample."""
+        ranked = sorted(view.candidates, key=lambda c: -c.logprob)
+        if self.temperature == 0:
+            return ranked[0]
+        keys = [c.text for c in ranked]
+        probs = np.exp([c.logprob for c in ranked])
+        return ranked[self.pick(keys, probs / probs.sum(), keys[0])]
 
 
 class Stepper:
@@ -72,11 +107,16 @@ class Stepper:
 
     @classmethod
     async def open(
-        cls, engines: Sequence[SessionEngine], request: GenerationRequest, max_tokens: int
+        cls,
+        engines: Sequence[SessionEngine],
+        request: GenerationRequest,
+        max_tokens: int,
+        observer: StepObserver | None = None,
     ) -> Stepper:
-        """Sessions on every engine (the first is the primary). Stop strings are the request's
-        and every expert's own: a base model's "\nUser:" ends the shared answer too, or text the
-        other experts proposed would run on into an invented next turn.
+        """Sessions on every engine (the first is the primary), each chosen step told to
+        `observer`. Stop strings are the request's and every expert's own: a base model's
+        "\nUser:" ends the shared answer too, or text the other experts proposed would run on
+        into an invented next turn.
 
         An expert that fails to open is left out (see `failed`); any other error, or every
         expert failing, is raised."""
@@ -92,6 +132,7 @@ class Stepper:
             raise (fatal or errors)[0]
         stops = (*(s for e in engines for s in e.default_stop), *request.params.stop)
         stepper = cls(opened, stops, max_tokens)
+        stepper.observer = observer
         stepper.failed = [
             e.name for e, r in zip(engines, results, strict=True) if isinstance(r, BaseException)
         ]
@@ -123,6 +164,14 @@ class Stepper:
             else:
                 await session.extend(text)
         return await session.top_k(k, full=full)
+
+    async def try_view(self, i: int, k: int, *, full: bool = False) -> NextTokens | None:
+        """The view of session `i`, or None when its expert failed: it is dropped (see `drop`)."""
+        try:
+            return await self.view(i, k, full=full)
+        except ExpertFailed as exc:
+            await self.drop([i], exc)
+            return None
 
     def _drain(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
         """Pending pieces, consecutive plain-text ones merged into one `extend`."""

@@ -149,8 +149,9 @@ class Candidate:
 @dataclass(frozen=True, slots=True)
 class NextTokens:
     """An expert's view of the next step: its top candidates (renormalised over those kept), the
-    entropy of its whole next-token distribution, and that distribution (log-probabilities over
-    its vocabulary) where it was asked for and the engine has it."""
+    entropy of its whole next-token distribution as every engine estimates it from its top 20
+    log-probabilities (a lower bound; `serving.engines.common.entropy`), and that distribution
+    (log-probabilities over its vocabulary) where it was asked for and the engine has it."""
 
     candidates: tuple[Candidate, ...]
     entropy: float

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
 from ensemble.answers import AnswerFormat, extract
@@ -61,6 +62,31 @@ class _Run:
     prompt_tokens: int
 
 
+@dataclass(slots=True)
+class _Poll:
+    """One vote's sampling: the runs gathered, the experts that failed, and the sampling tasks
+    started but not yet awaited (the next expert's, started early when `concurrent`)."""
+
+    experts: Sequence[Engine]
+    request: GenerationRequest  # the samples' request: n samples, with logprobs
+    runs: list[_Run] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    tasks: dict[int, tuple[asyncio.Task[_Run], asyncio.Event]] = field(default_factory=dict)
+
+    def start(self, i: int) -> None:
+        """Start expert `i` sampling, unless there is no such expert or it has started."""
+        if i < len(self.experts) and i not in self.tasks:
+            started = asyncio.Event()
+            task = asyncio.create_task(_sample(self.experts[i], self.request, started))
+            self.tasks[i] = (task, started)
+
+    async def cancel(self) -> None:
+        """Stop the tasks not awaited (not needed, or the client left)."""
+        for task, _ in self.tasks.values():
+            task.cancel()
+        await asyncio.gather(*(t for t, _ in self.tasks.values()), return_exceptions=True)
+
+
 class VotingStrategy:
     name = "vote"
     max_n: int | None = 1  # one voted answer per request
@@ -89,6 +115,16 @@ class VotingStrategy:
     async def run(
         self, request: GenerationRequest, experts: Sequence[Engine], trace: EnsembleTrace
     ) -> AsyncGenerator[GenerationChunk, None]:
+        poll = _Poll(experts, self._sampling(request))
+        async with aclosing(self._gather(poll)) as keepalives:
+            async for keepalive in keepalives:
+                yield keepalive
+        trace.failed.extend(poll.failed)
+        winner = self._count(poll.runs, trace)
+        for chunk in _reply(poll.runs, winner):
+            yield chunk
+
+    def _sampling(self, request: GenerationRequest) -> GenerationRequest:
         params = replace(
             request.params,
             n=self.samples,
@@ -98,45 +134,39 @@ class VotingStrategy:
             max_tokens=request.params.max_tokens or self.max_tokens,
             logprobs=True,  # ties are broken by mean token log-probability
         )
-        sampling = replace(request, params=params)
-        runs: list[_Run] = []
-        failed: list[str] = []
-        tasks: dict[int, tuple[asyncio.Task[_Run], asyncio.Event]] = {}
+        return replace(request, params=params)
 
-        def start(i: int) -> None:
-            if i < len(experts) and i not in tasks:
-                started = asyncio.Event()
-                task = asyncio.create_task(self._sample(experts[i], sampling, started))
-                tasks[i] = (task, started)
-
+    async def _gather(self, poll: _Poll) -> AsyncGenerator[GenerationChunk, None]:
+        """The runs the vote needs, into `poll`: the top expert's, and the next one's too when
+        the top one agrees with itself less than `escalate_below`. A failed expert is skipped
+        and the next takes its place. Streams keep-alive chunks while experts sample."""
         wanted, beating = 1, False  # runs the vote needs; whether a byte (keep-alive) went out
         try:
-            for i in range(len(experts)):
-                if len(runs) == wanted:
+            for i, expert in enumerate(poll.experts):
+                if len(poll.runs) == wanted:
                     break
-                start(i)
+                poll.start(i)
                 if self.concurrent:  # sample the next one now; dropped if the vote needs it not
-                    start(i + 1)
-                task, started = tasks.pop(i)
+                    poll.start(i + 1)
+                task, started = poll.tasks.pop(i)
                 try:
                     # Until a byte is out, wait for content first: an early failure stays clean.
                     async for beat in self._heartbeats(task, None if beating else started):
                         beating = True
                         yield beat
-                    runs.append(task.result())
+                    poll.runs.append(task.result())
                 except ExpertFailed:
-                    failed.append(experts[i].name)
-                    if i == len(experts) - 1 and not runs:
+                    poll.failed.append(expert.name)
+                    if i == len(poll.experts) - 1 and not poll.runs:
                         raise
                     continue
-                if wanted == 1 and top_share(self._samples(runs)) < self.escalate_below:
+                if wanted == 1 and top_share(self._samples(poll.runs)) < self.escalate_below:
                     wanted = 2  # the top expert disagrees with itself: ask the next one
         finally:
-            for task, _ in tasks.values():  # not needed (or the client left): stop their work
-                task.cancel()
-            await asyncio.gather(*(t for t, _ in tasks.values()), return_exceptions=True)
+            await poll.cancel()
 
-        trace.failed.extend(failed)
+    def _count(self, runs: list[_Run], trace: EnsembleTrace) -> _Sampled:
+        """The vote over every run's samples, recorded in `trace`; returns the winning sample."""
         escalated = len(runs) > 1
         samples = self._samples(runs)
         names = [run.expert for run in runs]
@@ -147,13 +177,7 @@ class VotingStrategy:
         trace.vote = VoteSummary(
             result.counts, result.answer, round(result.agreement, 6), escalated
         )
-        winner = [s for run in runs for s in run.samples][result.winner]
-        # Account for every sample's tokens and every expert's prompt, then re-send the winner.
-        for run in runs:
-            losers = sum(s.tokens for s in run.samples if s is not winner)
-            yield GenerationChunk(run.expert, 0, "", losers, run.prompt_tokens)
-        for chunk in winner.chunks:
-            yield replace(chunk, index=0, prompt_tokens=0)
+        return [s for run in runs for s in run.samples][result.winner]
 
     def _samples(self, runs: list[_Run]) -> list[Sample]:
         return [
@@ -161,17 +185,6 @@ class VotingStrategy:
             for run in runs
             for s in run.samples
         ]
-
-    async def _sample(
-        self, expert: Engine, request: GenerationRequest, started: asyncio.Event
-    ) -> _Run:
-        samples = [_Sampled(expert.name) for _ in range(request.params.n)]
-        prompt_tokens = 0
-        async for chunk in expert.generate(request):
-            started.set()
-            prompt_tokens = chunk.prompt_tokens
-            samples[chunk.index].chunks.append(chunk)
-        return _Run(expert.name, samples, prompt_tokens)
 
     async def _heartbeats(
         self, task: asyncio.Task[_Run], started: asyncio.Event | None
@@ -199,6 +212,26 @@ class VotingStrategy:
             if not task.done():  # the client went away: stop the expert's work
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+
+
+async def _sample(expert: Engine, request: GenerationRequest, started: asyncio.Event) -> _Run:
+    """One expert's samples, `started` set once it produced content."""
+    samples = [_Sampled(expert.name) for _ in range(request.params.n)]
+    prompt_tokens = 0
+    async for chunk in expert.generate(request):
+        started.set()
+        prompt_tokens = chunk.prompt_tokens
+        samples[chunk.index].chunks.append(chunk)
+    return _Run(expert.name, samples, prompt_tokens)
+
+
+def _reply(runs: list[_Run], winner: _Sampled) -> Iterator[GenerationChunk]:
+    """Account for every sample's tokens and every expert's prompt, then re-send the winner."""
+    for run in runs:
+        losers = sum(s.tokens for s in run.samples if s is not winner)
+        yield GenerationChunk(run.expert, 0, "", losers, run.prompt_tokens)
+    for chunk in winner.chunks:
+        yield replace(chunk, index=0, prompt_tokens=0)
 
 
 def _given(value: float | None, default: float) -> float:

@@ -189,3 +189,14 @@ async def test_cascade_carries_on_with_the_expert_left(failing: str) -> None:
     text, trace, _ = await run(CascadeStrategy(draft="draft", threshold=0.0), [strong, draft])
     assert text == "hello"
     assert trace.failed == [failing]
+
+
+@pytest.mark.parametrize("strategy", [FusionStrategy(), CascadeStrategy()])
+async def test_a_negative_seed_samples_and_every_session_is_closed(strategy: Strategy) -> None:
+    experts = [ScriptedSessionEngine("a", "hello"), ScriptedSessionEngine("b", "hello")]
+    request = GenerationRequest(
+        "r", (ChatMessage("user", "hi"),), SamplingParams(temperature=1.0, seed=-7)
+    )
+    chunks = await collect(strategy.run(request, experts, EnsembleTrace()))
+    assert "".join(c.text for c in chunks)
+    assert all(s.closed for e in experts for s in e.sessions)
