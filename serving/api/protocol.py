@@ -1,7 +1,7 @@
 """OpenAI chat-completions wire models.
 
-Requests accept and ignore unknown fields (as vLLM does); responses are built as plain dicts by
-`serving.gateway.service`, since the shapes are fixed and dict building is cheaper per chunk.
+Requests accept unknown fields (as vLLM does); the OpenAI fields Chorus cannot honour are
+refused by `serving.api.validation`. Responses are plain dicts (`serving.api.responses`).
 """
 
 from __future__ import annotations

@@ -62,7 +62,38 @@ def _invalid(errors: list[Any]) -> InvalidRequestError:
     return InvalidRequestError(f"{param}: {message}" if param else message, param=param)
 
 
+# OpenAI request fields that change what the client gets back and that Chorus does not honour
+# yet: refused with a 400 naming the field, never ignored, unless they hold the value that asks
+# for nothing (an empty list, a zero penalty, plain text). Fields it does not know at all (a
+# vendor's extensions, `metadata`, `store`) are ignored, as vLLM does.
+NOT_HONOURED: dict[str, tuple[object, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "web_search_options": (None,),
+}
+
+
+def _refuse_what_is_not_honoured(body: ChatCompletionRequest) -> None:
+    extra = body.model_extra or {}
+    for name, harmless in NOT_HONOURED.items():
+        if name in extra and extra[name] not in harmless:
+            raise InvalidRequestError(
+                f"`{name}` is not supported by Chorus yet; leave it out", param=name
+            )
+
+
 def _within_limits(body: ChatCompletionRequest, limits: ServerConfig) -> ChatRequest:
+    _refuse_what_is_not_honoured(body)
     stop = body.stop_list()
     if body.n > limits.max_n:
         raise InvalidRequestError(f"`n` must be at most {limits.max_n}", param="n")

@@ -157,6 +157,13 @@ def test_logprobs(client: openai.OpenAI) -> None:
     assert completion.model_extra["chorus"]["experts"][0] in (SMOLLM2, GEMMA)
 
 
+def test_tools_are_refused_through_the_sdk_not_ignored(client: openai.OpenAI) -> None:
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="auto", messages=QUESTION, tools=[tool])  # type: ignore[list-item]
+    assert info.value.body["param"] == "tools"  # type: ignore[index]
+
+
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-17", messages=QUESTION)

@@ -215,3 +215,25 @@ def test_a_token_level_pool_over_engines_without_sessions_is_refused_at_start(
         assert client.get("/health").json()["errors"] == {"fused": reason}
         response = client.post("/v1/chat/completions", json={"model": "fused", **BODY})
         assert response.status_code == 503 and reason in response.json()["error"]["message"]
+
+
+def test_fields_chorus_cannot_honour_are_refused_naming_them(tmp_path: Path) -> None:
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}
+    with app_with(tmp_path) as client:
+        wait_ready(client)
+        for field, value in [
+            ("tools", [tool]),
+            ("tool_choice", "required"),
+            ("response_format", schema),
+            ("presence_penalty", 0.5),
+            ("logit_bias", {"42": 5}),
+        ]:
+            body = {"model": "auto", **BODY, field: value}
+            response = client.post("/v1/chat/completions", json=body)
+            assert response.status_code == 400, field
+            assert response.json()["error"]["param"] == field
+        # The values that ask for nothing are fine, and so are fields nobody defines.
+        harmless = {"tools": [], "response_format": {"type": "text"}, "presence_penalty": 0}
+        body = {"model": "auto", **BODY, **harmless, "metadata": {"a": "b"}}
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
