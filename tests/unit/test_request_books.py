@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import AsyncGenerator, Iterator
@@ -23,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ensemble.errors import ExpertFailed
 from ensemble.types import GenerationChunk, GenerationRequest
+from loadtest.servers import free_port
 from serving.config import load_config
 from serving.http.app import create_app
 
@@ -116,9 +116,7 @@ class Server:
         path.write_text(CONFIG)
         self.engines = {name: Engine(name, **kw) for name, kw in ENGINES.items()}  # type: ignore[arg-type]
         self.app = create_app(load_config(path), engines=self.engines)  # type: ignore[arg-type]
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(
             uvicorn.Config(self.app, port=self.port, log_level="warning", lifespan="on")
