@@ -18,11 +18,9 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import psutil
 import uvicorn
 from starlette.applications import Starlette
@@ -31,14 +29,10 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from loadtest import ROOT
+from loadtest.client import RequestOptions, run_jobs
+from loadtest.scenarios import Job
 from loadtest.servers import Subprocess, free_port
-
-BODY = {
-    "model": "m",
-    "messages": [{"role": "user", "content": "hi"}],
-    "stream": True,
-    "max_tokens": 16,
-}
+from loadtest.stats import percentile
 
 
 async def _models(_: Request) -> JSONResponse:
@@ -81,32 +75,18 @@ def start_gateway(tree: Path, config: Path) -> Subprocess:
     return server
 
 
-async def drive(url: str, requests: int, concurrency: int) -> float:
-    """Send `requests` streamed requests, `concurrency` at a time; their p50 latency (s)."""
-    gate = asyncio.Semaphore(concurrency)
-    latencies: list[float] = []
-    async with httpx.AsyncClient(timeout=30) as client:
-
-        async def one() -> None:
-            async with gate:
-                started = time.perf_counter()
-                async with client.stream("POST", f"{url}/v1/chat/completions", json=BODY) as r:
-                    async for _ in r.aiter_lines():
-                        pass
-                latencies.append(time.perf_counter() - started)
-
-        await asyncio.gather(*(one() for _ in range(requests)))
-    return sorted(latencies)[len(latencies) // 2]
-
-
 def measure(server: Subprocess, requests: int, concurrency: int) -> tuple[float, float]:
     """(gateway CPU ms per request, client p50 ms) for one round."""
     process = psutil.Process(server.pid)
     before = sum(process.cpu_times()[:2])
     url = server.health_url.removesuffix("/health")
-    p50 = asyncio.run(drive(url, requests, concurrency))
+    jobs = [Job("m", "hi", True, 0)] * requests
+    results, _ = asyncio.run(run_jobs(url, jobs, concurrency, RequestOptions(max_tokens=16)))
     spent = sum(process.cpu_times()[:2]) - before
-    return spent / requests * 1000, p50 * 1000
+    failed = [r.error for r in results if not r.ok]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed, the first: {failed[0]}")
+    return spent / requests * 1000, percentile([r.latency for r in results], 50) * 1000
 
 
 def main() -> None:
