@@ -5,21 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from tests.conftest import ServerProcess, free_port
+from tests import loopback
+from tests.conftest import ServerProcess
+from tests.loopback import serve_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -67,16 +66,8 @@ def staller() -> Iterator[str]:
             Route("/v1/completions", _completions, methods=["POST"]),
         ]
     )
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    server.force_exit = True  # streams it holds open sleep for an hour
-    thread.join(10)
+    with serve_in_thread(app) as url:  # cuts the streams it holds open (they sleep an hour)
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +104,7 @@ def ask(srv: ServerProcess, model: str, prompt: str, **extra: object) -> httpx.R
 
 
 def metric(srv: ServerProcess, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(httpx.get(f"{srv.url}/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
+    return loopback.metric(srv.url, name, **labels)
 
 
 def test_an_expert_silent_from_the_start_is_timed_out_and_the_next_one_answers(

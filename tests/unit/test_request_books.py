@@ -8,8 +8,8 @@ HTTP client and the Prometheus text parser are the real ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import threading
 import time
 from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
@@ -17,14 +17,12 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
 
 from ensemble.errors import ExpertFailed
 from ensemble.types import GenerationChunk, GenerationRequest
-from loadtest.servers import free_port
 from serving.config import load_config
 from serving.http.app import create_app
+from tests.loopback import metric, metric_samples, serve_in_thread
 
 CONFIG = """
 server:
@@ -111,46 +109,24 @@ ENGINES = {
 
 
 class Server:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, stack: contextlib.ExitStack) -> None:
         path = tmp_path / "c.yaml"
         path.write_text(CONFIG)
         self.engines = {name: Engine(name, **kw) for name, kw in ENGINES.items()}  # type: ignore[arg-type]
         self.app = create_app(load_config(path), engines=self.engines)  # type: ignore[arg-type]
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, port=self.port, log_level="warning", lifespan="on")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
+        self.url = stack.enter_context(serve_in_thread(self.app))
+        self.port = int(self.url.rpartition(":")[2])
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
+        while httpx.get(f"{self.url}/health", timeout=1).status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the experts did not load")
             time.sleep(0.02)
-        raise TimeoutError("server did not start")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.server.force_exit = True
-        self.thread.join(10)
 
     def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
-        text = httpx.get(f"{self.url}/metrics").text
-        return [
-            (s.labels, s.value)
-            for f in text_string_to_metric_families(text)
-            for s in f.samples
-            if s.name == name
-        ]
+        return metric_samples(self.url, name)
 
     def value(self, name: str, **labels: str) -> float:
-        return sum(
-            v for ls, v in self.samples(name) if all(ls.get(k) == x for k, x in labels.items())
-        )
+        return metric(self.url, name, **labels)
 
     def statuses(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -172,9 +148,8 @@ class Server:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    srv = Server(tmp_path)
-    yield srv
-    srv.stop()
+    with contextlib.ExitStack() as stack:
+        yield Server(tmp_path, stack)
 
 
 def body(model: str, **extra: Any) -> dict[str, Any]:
