@@ -10,6 +10,7 @@ Everything after this stage reads the `ChatRequest`, never the body.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,16 +49,18 @@ def validate_chat(raw: bytes, limits: ServerConfig) -> ChatRequest:
     try:
         body = ChatCompletionRequest.model_validate_json(raw)
     except ValidationError as exc:
-        raise _invalid(exc.errors()) from None
+        raise invalid_request(exc.errors()) from None
     return _within_limits(body, limits)
 
 
-def _invalid(errors: list[Any]) -> InvalidRequestError:
-    """The first problem pydantic found, as OpenAI clients expect it (never FastAPI's 422)."""
+def invalid_request(errors: Sequence[Any]) -> InvalidRequestError:
+    """The first problem pydantic found, as OpenAI clients expect it (never FastAPI's 422).
+    FastAPI's location prefixes (`body`, `query`) are not part of the field's name."""
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         return InvalidRequestError("The request body is not valid JSON.")
-    param = key_path(list(first.get("loc", ()))) or None
+    loc = [part for part in first.get("loc", ()) if part not in ("body", "query")]
+    param = key_path(loc) or None
     message = first.get("msg", "invalid request")
     return InvalidRequestError(f"{param}: {message}" if param else message, param=param)
 

@@ -32,7 +32,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     app = create_app(config, config_path=args.config)
-    runtime = app.state.runtime
+    runtime = app.state.chorus.runtime
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:

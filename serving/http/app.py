@@ -34,7 +34,6 @@ def create_app(
     app = FastAPI(title="Chorus", version="0.1.0", lifespan=_lifespan(runtime))
     app.add_middleware(Guard, config=config.server)
     app.state.chorus = AppState.build(runtime, config.server)
-    app.state.runtime = runtime  # what `chorus serve` drains on SIGTERM
     for routes in (chat, models, health):
         app.include_router(routes.router)
     install_error_handlers(app)

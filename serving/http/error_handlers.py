@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.api.errors import GatewayError, error_body
-from serving.config import key_path
+from serving.api.validation import invalid_request
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +33,8 @@ async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
     return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers)
 
 
-async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-    # FastAPI's own 422 shape never leaks: OpenAI clients expect 400 with `error.message`.
-    errors = exc.errors()
-    first = errors[0] if errors else {}
-    loc = [p for p in first.get("loc", ()) if p not in ("body", "query")]
-    param = key_path(loc) or None
-    message = first.get("msg", "invalid request")
-    return _error(400, f"{param}: {message}" if param else message, "invalid_request_error", param)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return await _gateway_error(request, invalid_request(exc.errors()))
 
 
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 
 from serving.config import ServerConfig
-from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.runtime import Runtime
 from serving.http.admission import ConcurrencyLimit, RateLimit
 
@@ -16,7 +15,6 @@ from serving.http.admission import ConcurrencyLimit, RateLimit
 @dataclass(slots=True)
 class AppState:
     runtime: Runtime
-    metrics: GatewayMetrics
     server: ServerConfig
     rate: RateLimit | None
     slots: ConcurrencyLimit | None
@@ -30,7 +28,7 @@ class AppState:
             slots = ConcurrencyLimit(
                 server.max_concurrent_requests, server.max_queue, server.queue_timeout_s
             )
-        return cls(runtime, runtime.metrics, server, rate, slots)
+        return cls(runtime, server, rate, slots)
 
 
 def app_state(request: Request) -> AppState:

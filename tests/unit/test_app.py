@@ -186,7 +186,7 @@ def test_a_failure_after_output_is_not_retried_on_another_expert(tmp_path: Path)
 def test_while_draining_health_is_503_and_new_requests_are_refused(tmp_path: Path) -> None:
     with app_with(tmp_path) as client:
         wait_healthy(client)
-        client.app.state.runtime.draining = True  # what SIGTERM sets
+        client.app.state.chorus.runtime.draining = True  # what SIGTERM sets
         health = client.get("/health")
         assert health.status_code == 503
         assert health.json()["status"] == "draining"

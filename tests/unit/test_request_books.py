@@ -317,4 +317,4 @@ def test_the_slot_is_released_when_the_body_is_never_read(server: Server) -> Non
     server.settled()
     assert server.engines["stalls"].active == 0
     assert server.statuses() == {"499": 1}
-    assert server.app.state.runtime.gateway.inflight == 0
+    assert server.app.state.chorus.runtime.gateway.inflight == 0

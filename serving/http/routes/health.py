@@ -30,8 +30,8 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def prometheus(request: Request) -> Response:
-    state = app_state(request)
+    runtime = app_state(request).runtime
     # Read at scrape: remote experts come and go.
-    for name, engine in state.runtime.gateway.engines.items():
-        state.metrics.expert_healthy.labels(name).set(1 if engine.ready else 0)
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    for name, engine in runtime.gateway.engines.items():
+        runtime.metrics.expert_healthy.labels(name).set(1 if engine.ready else 0)
+    return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
