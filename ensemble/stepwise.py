@@ -41,8 +41,8 @@ StepObserver = Callable[[Step], None]
 
 
 def session_engines(experts: Sequence[Engine], strategy: str) -> list[SessionEngine]:
-    """The experts as session engines. A defensive check: the gateway refuses such pools at
-    start-up (serving/gateway/pools.py `_check_token_level_pools`)."""
+    """The experts as session engines; TypeError names those without decode sessions. The
+    gateway asks this at start-up (`_check_token_level_pools`), so a strategy never meets one."""
     engines = [e for e in experts if isinstance(e, SessionEngine)]
     if len(engines) != len(experts):
         missing = [e.name for e in experts if not isinstance(e, SessionEngine)]

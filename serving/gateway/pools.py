@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from ensemble.engine import Engine, SessionEngine
-from ensemble.stepwise import Step
+from ensemble.engine import Engine
+from ensemble.stepwise import Step, session_engines
 from ensemble.strategy import SingleStrategy, Strategy
 from router import artifact
 from router.decision import Router
@@ -146,20 +146,16 @@ class Gateway:
             strategy = pool.strategy
             if not isinstance(strategy, FuseStrategyConfig | CascadeStrategyConfig):
                 continue
-            engines = [self.engines[e] for e in pool.experts]
-            lacking = [e.name for e in engines if not isinstance(e, SessionEngine)]
-            if lacking:
+            try:
+                engines = session_engines([self.engines[e] for e in pool.experts], strategy.type)
+            except TypeError as exc:
+                self.load_errors[name] = str(exc)
+                engines = []
+            dynamic = isinstance(strategy, FuseStrategyConfig) and strategy.weighting == "dynamic"
+            if dynamic and len({e.vocabulary for e in engines if e.ready}) > 1:
                 self.load_errors[name] = (
-                    f"`{strategy.type}` needs decode sessions; {lacking} lack them"
+                    "`dynamic` weighting needs experts that share one vocabulary"
                 )
-            elif isinstance(strategy, FuseStrategyConfig) and strategy.weighting == "dynamic":
-                vocabularies = {
-                    e.vocabulary for e in engines if isinstance(e, SessionEngine) and e.ready
-                }
-                if len(vocabularies) > 1:
-                    self.load_errors[name] = (
-                        "`dynamic` weighting needs experts that share one vocabulary"
-                    )
             if name in self.load_errors:
                 logger.error("pool %s cannot serve: %s", name, self.load_errors[name])
 

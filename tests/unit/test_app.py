@@ -211,7 +211,7 @@ def test_a_token_level_pool_over_engines_without_sessions_is_refused_at_start(
     engines = {name: FakeEngine(name, ["x"]) for name in ("good", "early", "late")}
     with TestClient(create_app(load_config(path), engines=engines)) as client:  # type: ignore[arg-type]
         wait_ready(client)
-        reason = "`fuse` needs decode sessions; ['good', 'late'] lack them"
+        reason = "`fuse` needs engines with decode sessions; ['good', 'late'] have none"
         assert client.get("/health").json()["errors"] == {"fused": reason}
         response = client.post("/v1/chat/completions", json={"model": "fused", **BODY})
         assert response.status_code == 503 and reason in response.json()["error"]["message"]
