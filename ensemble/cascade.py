@@ -94,7 +94,13 @@ class CascadeStrategy:
         live = stepper.experts
         weights = sole_weights(live, chooser)
         return stepper.choose(
-            chosen, views, producer=live[chooser], weights=weights, gated=False, started=started
+            chosen,
+            views,
+            producer=live[chooser],
+            weights=weights,
+            gated=False,
+            started=started,
+            distribution=view.candidates,
         )
 
     async def _escalated(self, stepper: Stepper, draft_view: NextTokens) -> list[NextTokens | None]:

@@ -17,7 +17,7 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -121,14 +121,21 @@ class FusionStrategy:
         views: list[NextTokens | None]
         if others:
             views = [primary, *others]
-            chosen, weights, producer = self._fuse([primary, *others], names, top, picker)
+            chosen, weights, producer, pool = self._fuse([primary, *others], names, top, picker)
             tally.add_fused(weights)
         else:  # gated, or every other expert failed just now
             views = [primary] + [None] * (len(names) - 1)
             chosen, weights, producer = picker.own(primary), sole_weights(names, 0), names[0]
+            pool = list(primary.candidates)
             tally.gated += len(names) > 1
         return stepper.choose(
-            chosen, views, producer=producer, weights=weights, gated=not others, started=started
+            chosen,
+            views,
+            producer=producer,
+            weights=weights,
+            gated=not others,
+            started=started,
+            distribution=pool,
         )
 
     def _alone(self, stepper: Stepper, top: Candidate) -> bool:
@@ -177,17 +184,18 @@ class FusionStrategy:
 
     def _fuse(
         self, views: list[NextTokens], names: list[str], primary_top: Candidate, picker: Picker
-    ) -> tuple[Candidate, dict[str, float], str]:
-        """The fused choice, each expert's weight, and the expert credited with the choice."""
+    ) -> tuple[Candidate, dict[str, float], str, list[Candidate]]:
+        """The fused choice, each expert's weight, the expert credited with the choice, and the
+        fused candidates it was chosen from."""
         if self.weighting == "dynamic":
-            chosen, weights, producer = self._fuse_dynamic(views, names, picker)
+            chosen, weights, producer, pool = self._fuse_dynamic(views, names, picker)
         else:
-            chosen, weights, producer = self._fuse_aligned(views, names, primary_top, picker)
-        return chosen, dict(zip(names, map(float, weights), strict=True)), producer
+            chosen, weights, producer, pool = self._fuse_aligned(views, names, primary_top, picker)
+        return chosen, dict(zip(names, map(float, weights), strict=True)), producer, pool
 
     def _fuse_aligned(
         self, views: list[NextTokens], names: list[str], primary_top: Candidate, picker: Picker
-    ) -> tuple[Candidate, np.ndarray, str]:
+    ) -> tuple[Candidate, np.ndarray, str, list[Candidate]]:
         keys = fusion.union_keys(views)
         matrix = fusion.expert_matrix(views, keys)
         filters = None
@@ -198,14 +206,17 @@ class FusionStrategy:
         else:
             weights = fusion.uniform_weights(len(names))
         fused = fusion.fuse(matrix, weights, filters)
+        pool = [
+            Candidate(k, math.log(max(p, 1e-300)), (), end=k == fusion.END)
+            for k, p in zip(keys, fused, strict=True)
+        ]
         index = picker.pick(keys, fused, primary_top.text)
-        key = keys[index]
         producer = names[int(np.argmax(weights * matrix[:, index]))]
-        return Candidate(key, math.log(fused[index]), (), end=key == fusion.END), weights, producer
+        return pool[index], weights, producer, pool
 
     def _fuse_dynamic(
         self, views: list[NextTokens], names: list[str], picker: Picker
-    ) -> tuple[Candidate, np.ndarray, str]:
+    ) -> tuple[Candidate, np.ndarray, str, list[Candidate]]:
         # Same vocabulary: fuse whole distributions, then read the text off the primary's view
         # or, for a token outside it, off the expert that proposed it.
         dists = [np.asarray(v.distribution, dtype=np.float64) for v in views]
@@ -216,7 +227,9 @@ class FusionStrategy:
         options = [by_id[i] for i in top_ids if i in by_id] or [views[0].candidates[0]]
         probs = np.exp([pooled[c.token_ids[0]] if c.token_ids else -50.0 for c in options])
         keys = [c.text for c in options]
-        chosen = options[picker.pick(keys, probs / probs.sum(), keys[0])]
+        probs = probs / probs.sum()
+        chosen = options[picker.pick(keys, probs, keys[0])]
         token = chosen.token_ids[0]
         credit = [w * math.exp(d[token]) for w, d in zip(weights, dists, strict=True)]
-        return chosen, weights, names[int(np.argmax(credit))]
+        pool = [replace(c, logprob=math.log(p)) for c, p in zip(options, probs, strict=True)]
+        return chosen, weights, names[int(np.argmax(credit))], pool

@@ -23,6 +23,8 @@ from ensemble.types import (
     GenerationRequest,
     NextTokens,
     SamplingParams,
+    TokenLogprob,
+    TopLogprob,
 )
 
 
@@ -104,6 +106,8 @@ class Stepper:
         self.produced: Counter[str] = Counter()  # pieces credited to each expert
         self.observer: StepObserver | None = None
         self._pending: list[list[tuple[str, tuple[int, ...]]]] = [[] for _ in sessions]
+        self.top_logprobs: int | None = None  # report each step's distribution when set
+        self._unsent: list[TokenLogprob] = []  # steps whose text a stop string still holds
 
     @classmethod
     async def open(
@@ -133,6 +137,8 @@ class Stepper:
         stops = (*(s for e in engines for s in e.default_stop), *request.params.stop)
         stepper = cls(opened, stops, max_tokens)
         stepper.observer = observer
+        if request.params.logprobs:
+            stepper.top_logprobs = request.params.top_logprobs
         stepper.failed = [
             e.name for e, r in zip(engines, results, strict=True) if isinstance(r, BaseException)
         ]
@@ -193,15 +199,27 @@ class Stepper:
         weights: Mapping[str, float],
         gated: bool,
         started: float,
+        distribution: Sequence[Candidate] = (),
     ) -> GenerationChunk | None:
-        """Take one step's choice: record it, tell the observer, and return what to stream."""
+        """Take one step's choice: record it, tell the observer, and return what to stream.
+
+        `distribution` is what the piece was chosen from (the fused candidates, or the deciding
+        expert's own); when the request asked for logprobs, the chunk reports it."""
         text, finish = self.commit(chosen, views)
         self.produced[producer] += 1
         self.finished = finish is not None
         if self.observer is not None:
             seconds = time.perf_counter() - started
             self.observer(Step(chosen.text, producer, dict(weights), gated, seconds))
-        return self.chunk(text, finish) if text or finish else None
+        if self.top_logprobs is not None:
+            ranked = sorted(distribution, key=lambda c: -c.logprob)[: self.top_logprobs]
+            top = tuple(TopLogprob(c.text, c.logprob) for c in ranked)
+            self._unsent.append(TokenLogprob(chosen.text, chosen.logprob, top))
+        if not (text or finish):
+            return None
+        chunk = replace(self.chunk(text, finish), logprobs=tuple(self._unsent))
+        self._unsent = []
+        return chunk
 
     def shares(self) -> dict[str, float]:
         steps = max(self.steps, 1)

@@ -7,6 +7,7 @@ same faults against real servers are in tests/integration/test_faults.py.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 
 import pytest
@@ -200,3 +201,29 @@ async def test_a_negative_seed_samples_and_every_session_is_closed(strategy: Str
     chunks = await collect(strategy.run(request, experts, EnsembleTrace()))
     assert "".join(c.text for c in chunks)
     assert all(s.closed for e in experts for s in e.sessions)
+
+
+async def _fused_chunks(strategy: Strategy, top_logprobs: int) -> list[GenerationChunk]:
+    experts: list[Engine] = [ScriptedSessionEngine("a", "hi"), ScriptedSessionEngine("b", "ho")]
+    params = SamplingParams(max_tokens=8, logprobs=True, top_logprobs=top_logprobs)
+    request = GenerationRequest("r", (ChatMessage("user", "q"),), params)
+    return await collect(strategy.run(request, experts, EnsembleTrace()))
+
+
+@pytest.mark.parametrize("strategy", [FusionStrategy(), CascadeStrategy(threshold=0.0)])
+async def test_token_level_pools_report_the_distribution_each_piece_was_chosen_from(
+    strategy: Strategy,
+) -> None:
+    chunks = await _fused_chunks(strategy, top_logprobs=2)
+    steps = [lp for c in chunks for lp in c.logprobs]
+    assert "".join(lp.token for lp in steps) == "".join(c.text for c in chunks) == "hi"
+    assert steps[-1].token == ""  # the end of the answer was chosen too
+    for step in steps[:-1]:
+        assert len(step.top) == 2
+        assert [t.logprob for t in step.top] == sorted((t.logprob for t in step.top), reverse=True)
+        assert sum(math.exp(t.logprob) for t in step.top) <= 1 + 1e-9
+    if isinstance(strategy, FusionStrategy):
+        # Both experts agree on "h" (0.9 each): fused 0.9; at the second piece they disagree
+        # ("i" against "o"), so neither reaches 0.9 and the primary's "i" wins the tie.
+        assert math.isclose(math.exp(steps[0].logprob), 0.9, rel_tol=1e-6)
+        assert steps[1].token == "i" and math.exp(steps[1].logprob) < 0.9
