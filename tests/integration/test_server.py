@@ -17,7 +17,7 @@ from tests.conftest import DEFAULT_CONFIG, ServerProcess
 pytestmark = pytest.mark.integration
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-SMOLLM2, GEMMA = "smollm2-135m-instruct", "gemma3-270m"
+SMOLLM2, GEMMA, QWEN = "smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct"
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def test_empty_messages_is_400(client: openai.OpenAI) -> None:
 
 def test_models_lists_experts_and_pools(client: openai.OpenAI) -> None:
     ids = {m.id for m in client.models.list()}
-    assert ids == {"auto", "vote", "fuse", "smollm2-135m-instruct", "gemma3-270m"}
+    assert ids == {"auto", "vote", "fuse", SMOLLM2, GEMMA, QWEN}
 
 
 HOSTILE = [
