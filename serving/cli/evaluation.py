@@ -18,6 +18,14 @@ def add_parsers(commands: Any) -> None:
     )
     dataset.add_argument("--out-dir", type=Path, default=Path("configs/data"))
     dataset.add_argument("--seed", type=int, default=0)
+    dataset.add_argument(
+        "--benchmarks",
+        help="public benchmarks instead, with test sizes: mmlu=150,gsm8k=40,... "
+        "(serving/evaluation/benchmarks.py)",
+    )
+    dataset.add_argument(
+        "--calibration", help="calibration sizes, same form (default: as many as the test)"
+    )
     dataset.set_defaults(run=run_dataset)
 
     calib = commands.add_parser(
@@ -27,7 +35,10 @@ def add_parsers(commands: Any) -> None:
     calib.add_argument("--pool", required=True)
     calib.add_argument("--data", required=True, type=Path, help="labeled JSONL")
     calib.add_argument("--out", required=True, type=Path, help="calibration JSONL")
-    calib.add_argument("--max-tokens", type=int, default=48)
+    calib.add_argument(
+        "--max-tokens", type=int, default=48, help="for records that give no max_tokens"
+    )
+    calib.add_argument("--concurrency", type=int, default=4, help="questions in flight")
     calib.set_defaults(run=run_calibrate)
 
     evaluate = commands.add_parser(
@@ -39,7 +50,15 @@ def add_parsers(commands: Any) -> None:
     evaluate.add_argument("--out", required=True, type=Path, help="report folder")
     evaluate.add_argument("--url", help="a running server; default: serve the config in-process")
     evaluate.add_argument("--limit", type=int, help="at most this many questions per category")
-    evaluate.add_argument("--max-tokens", type=int, default=48)
+    evaluate.add_argument(
+        "--max-tokens", type=int, default=48, help="for records that give no max_tokens"
+    )
+    evaluate.add_argument("--concurrency", type=int, default=1, help="questions in flight")
+    evaluate.add_argument(
+        "--skip",
+        default="",
+        help="model:category pairs not to run, comma-separated (reported as not run)",
+    )
     evaluate.set_defaults(run=run_eval)
 
 
@@ -47,7 +66,18 @@ def run_dataset(args: argparse.Namespace) -> int:
     from router.files import write_jsonl
     from serving.evaluation.datasets import generate
 
-    for split, records in generate(args.seed).items():
+    if args.benchmarks:
+        from serving.evaluation.benchmarks import build_splits, parse_counts
+
+        try:
+            test = parse_counts(args.benchmarks, 100)
+            calibration = parse_counts(args.calibration, 100) if args.calibration else test
+        except ValueError as e:
+            raise Refused(str(e)) from None
+        splits = build_splits(test, calibration)
+    else:
+        splits = generate(args.seed)
+    for split, records in splits.items():
         path = args.out_dir / f"{split}.jsonl"
         write_jsonl(path, records)
         print(f"{path}: {len(records)} questions")
@@ -59,7 +89,14 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     config = pool_config(args)
     summary = asyncio.run(
-        calibrate(config, args.pool, args.data, args.out, max_tokens=args.max_tokens)
+        calibrate(
+            config,
+            args.pool,
+            args.data,
+            args.out,
+            max_tokens=args.max_tokens,
+            concurrency=args.concurrency,
+        )
     )
     print_summary(summary)
     return 0
@@ -85,13 +122,27 @@ async def _eval(args: argparse.Namespace, command: str) -> int:
     unknown = [m for m in models if m not in known]
     if unknown:
         raise Refused(f"unknown model ids {unknown} (known: {sorted(known)})")
+    skip = set()
+    for pair in filter(None, (p.strip() for p in args.skip.split(","))):
+        model, sep, category = pair.partition(":")
+        if not sep or model not in models:
+            raise Refused(f"--skip {pair!r}: expected model:category with a model of --models")
+        skip.add((model, category))
     questions = limit_per_category(load_labeled(args.data), args.limit)
+    args.out.mkdir(parents=True, exist_ok=True)
+    options = {
+        "max_tokens": args.max_tokens,
+        "concurrency": args.concurrency,
+        "skip": skip,
+        "progress": args.out / "results.jsonl.partial",
+    }
     if args.url:
-        results = await run_eval(args.url, models, questions, max_tokens=args.max_tokens)
+        results = await run_eval(args.url, models, questions, **options)
     else:
         async with serve_in_process(config) as url:
-            results = await run_eval(url, models, questions, max_tokens=args.max_tokens)
-    summary = summarize(results, models)
+            results = await run_eval(url, models, questions, **options)
+    (args.out / "results.jsonl.partial").unlink()
+    summary = summarize(results, models, experts=set(config.experts))
     write_report(args.out, results, summary, command)
     for model, stats in summary["models"].items():
         print(
