@@ -36,8 +36,9 @@ def test_a_small_public_benchmark_run_from_split_to_report(tmp_path: Path) -> No
         " router: {artifact: routers/auto}}\n"
     )
     records = tmp_path / "calibration-auto.jsonl"
+    calibration = str(tmp_path / "calibration.jsonl")
     calibrated = chorus("calibrate", "--config", str(config), "--pool", "auto",
-                        "--data", str(tmp_path / "calibration.jsonl"), "--out", str(records))  # fmt: skip
+                        "--data", calibration, "--out", str(records))  # fmt: skip
     assert calibrated.returncode == 0, calibrated.stderr
     rows = [json.loads(line) for line in records.read_text().splitlines()]
     assert len(rows) == 7 and not (tmp_path / "calibration-auto.jsonl.partial").exists()
@@ -48,8 +49,9 @@ def test_a_small_public_benchmark_run_from_split_to_report(tmp_path: Path) -> No
         if row["category"] in {"mmlu", "arc_challenge"}:  # one letter
             assert all(row["tokens"][e]["completion"] == 1 for e in EXPERTS)
 
+    artifact = str(tmp_path / "routers" / "auto")
     fit = chorus("router", "fit", "--config", str(config), "--pool", "auto", "--data",
-                 str(records), "--out", str(tmp_path / "routers" / "auto"), "--clusters", "2")  # fmt: skip
+                 str(records), "--out", artifact, "--clusters", "2")  # fmt: skip
     assert fit.returncode == 0, fit.stderr
 
     out = tmp_path / "report"
