@@ -7,7 +7,7 @@ artifact that does not match the pool or the embedder it is about to serve with.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 
 from router.cluster import ClusterRouter
+from router.costs import CostModel
 from router.files import replace_folder
 
 FORMAT_VERSION = 1
 _ARRAYS = ("centroids_", "cluster_scores_", "cluster_counts_", "global_scores_")
+_COST_ARRAYS = ("cluster_costs_", "global_costs_")  # only in artifacts fitted with costs
 
 
 class ArtifactError(ValueError):
@@ -36,10 +38,23 @@ class RouterArtifact:
     def experts(self) -> list[str]:
         return list(self.router.experts_)
 
+    @property
+    def costs(self) -> dict[str, CostModel]:
+        """How each expert's cost was reckoned at fitting (empty when fitted without costs)."""
+        return {n: CostModel.from_json(m) for n, m in self.manifest.get("costs", {}).items()}
+
 
 def save(
-    path: Path, router: ClusterRouter, *, embedder: str, dim: int, stats: dict[str, Any]
+    path: Path,
+    router: ClusterRouter,
+    *,
+    embedder: str,
+    dim: int,
+    stats: dict[str, Any],
+    costs: Mapping[str, CostModel] | None = None,
 ) -> None:
+    """`costs`: how the records' costs were reckoned per expert (kept so that serving reckons
+    a request's cost the same way)."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "kind": "cluster",
@@ -56,8 +71,14 @@ def save(
         "ood_threshold": router.ood_threshold_,
         "calibration": {**stats, "distance": router.calibration_distance_},
     }
+    names: tuple[str, ...] = _ARRAYS
+    if router.has_costs:
+        if costs is None:
+            raise ValueError("a router fitted with costs needs the cost models they came from")
+        manifest["costs"] = {name: model.as_json() for name, model in costs.items()}
+        names = (*_ARRAYS, *_COST_ARRAYS)
     with replace_folder(path) as tmp:
-        np.savez(tmp / "arrays.npz", **{name: getattr(router, name) for name in _ARRAYS})
+        np.savez(tmp / "arrays.npz", **{name: getattr(router, name) for name in names})
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -87,6 +108,9 @@ def load(path: Path) -> RouterArtifact:
     )
     for name in _ARRAYS:
         setattr(router, name, arrays[name])
+    if "costs" in manifest:
+        for name in _COST_ARRAYS:
+            setattr(router, name, arrays[name])
     router.experts_ = list(manifest["experts"])
     router.ood_threshold_ = float(manifest["ood_threshold"])
     router.calibration_distance_ = manifest["calibration"]["distance"]

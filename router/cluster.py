@@ -64,8 +64,15 @@ class ClusterRouter:
         self.ood_quantile = ood_quantile
         self.ood_margin = ood_margin
 
-    def fit(self, X: Float32Array, scores: FloatArray, experts: Sequence[str]) -> Self:
-        """X: (n_samples, dim) embeddings; scores: (n_samples, n_experts) in [0, 1]."""
+    def fit(
+        self,
+        X: Float32Array,
+        scores: FloatArray,
+        experts: Sequence[str],
+        costs: FloatArray | None = None,
+    ) -> Self:
+        """X: (n_samples, dim) embeddings; scores: (n_samples, n_experts) in [0, 1]; costs, when
+        known: (n_samples, n_experts), what each expert's answer cost."""
         from sklearn.cluster import KMeans  # scikit-learn is heavy; only fitting needs it
 
         X64 = _unit(np.asarray(X, dtype=np.float64))
@@ -79,12 +86,13 @@ class ClusterRouter:
         self.centroids_ = _unit(kmeans.cluster_centers_).astype(np.float32)
         self.cluster_counts_ = np.bincount(labels, minlength=k).astype(np.int64)
         self.global_scores_ = scores.mean(axis=0)
-        sums = np.zeros((k, len(experts)))
-        np.add.at(sums, labels, scores)
-        prior = self.prior_strength
-        self.cluster_scores_ = (sums + prior * self.global_scores_) / (
-            self.cluster_counts_[:, None] + prior
-        )
+        self.cluster_scores_ = self._shrunk(labels, scores, self.global_scores_)
+        if costs is not None:
+            costs = np.asarray(costs, dtype=np.float64)
+            if costs.shape != scores.shape:
+                raise ValueError(f"costs must be shaped like scores, got {costs.shape}")
+            self.global_costs_ = costs.mean(axis=0)
+            self.cluster_costs_ = self._shrunk(labels, costs, self.global_costs_)
         nearest = 1.0 - np.max(X64 @ self.centroids_.T.astype(np.float64), axis=1)
         self.ood_threshold_ = float(np.quantile(nearest, self.ood_quantile) * self.ood_margin)
         self.calibration_distance_ = {
@@ -93,6 +101,20 @@ class ClusterRouter:
             "max": float(nearest.max()),
         }
         return self
+
+    def _shrunk(
+        self, labels: npt.NDArray[np.int64], values: FloatArray, prior_mean: FloatArray
+    ) -> FloatArray:
+        """Per-cluster means, pulled toward the global mean by `prior_strength` pseudo-counts."""
+        sums = np.zeros((len(self.cluster_counts_), values.shape[1]))
+        np.add.at(sums, labels, values)
+        prior = self.prior_strength
+        out: FloatArray = (sums + prior * prior_mean) / (self.cluster_counts_[:, None] + prior)
+        return out
+
+    @property
+    def has_costs(self) -> bool:
+        return hasattr(self, "cluster_costs_")
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "centroids_"):
@@ -105,15 +127,25 @@ class ClusterRouter:
         top_k: int = 1,
         clusters_considered: int = 3,
         beta: float = 10.0,
+        quality_weight: float = 1.0,
     ) -> list[RouteDecision]:
         """Rank the experts for each query in X (n_queries, dim), best first, keeping `top_k`.
 
         Soft assignment over the `clusters_considered` nearest clusters, P(c|q) =
-        softmax(-beta * d_c) with d_c = 1 - cos(q, centroid_c); expert score S(m) = sum_c P(c|q)
-        * score_c(m). A query farther than the OOD threshold from every centroid uses the global
-        scores instead and is flagged. `weights` are the top-K scores normalised to sum to 1.
+        softmax(-beta * d_c) with d_c = 1 - cos(q, centroid_c); expected accuracy A(m) = sum_c
+        P(c|q) * score_c(m), and likewise expected cost C(m). A query farther than the OOD
+        threshold from every centroid uses the global means instead and is flagged.
+
+        The ranking is by A(m) alone when `quality_weight` is 1; below 1 it is Avengers-Pro's
+        score alpha * (A(m) - min A) / (max A - min A) + (1 - alpha) * (1 - C(m) / max C), over
+        this query's soft mixture of clusters (a query inside one cluster gets exactly the
+        per-cluster formula). `weights` are the top-K accuracies normalised to sum to 1.
         """
         self._check_fitted()
+        if not 0 <= quality_weight <= 1:
+            raise ValueError(f"quality_weight must be in [0, 1], got {quality_weight}")
+        if quality_weight < 1 and not self.has_costs:
+            raise ValueError("this router was fitted without costs; quality_weight must be 1")
         X = np.atleast_2d(np.asarray(X, dtype=np.float32))
         distances = 1.0 - X @ self.centroids_.T
         m = min(clusters_considered, len(self.centroids_))
@@ -122,14 +154,15 @@ class ClusterRouter:
         for row, clusters in zip(distances, near, strict=True):
             d = row[clusters].astype(np.float64)
             ood = bool(d[0] > self.ood_threshold_)
-            if ood:
-                expert_scores = self.global_scores_
-            else:
-                p = np.exp(-beta * (d - d[0]))
-                p /= p.sum()
-                expert_scores = p @ self.cluster_scores_[clusters]
-            order = np.argsort(-expert_scores, kind="stable")[:top_k]
-            top = expert_scores[order]
+            p = np.exp(-beta * (d - d[0]))
+            p /= p.sum()
+            accuracy = self.global_scores_ if ood else p @ self.cluster_scores_[clusters]
+            cost = None
+            if self.has_costs:
+                cost = self.global_costs_ if ood else p @ self.cluster_costs_[clusters]
+            ranking = accuracy if cost is None else trade_off(accuracy, cost, quality_weight)
+            order = np.argsort(-ranking, kind="stable")[:top_k]
+            top = accuracy[order]
             weights = top / top.sum() if top.sum() > 0 else np.full(len(top), 1 / len(top))
             decisions.append(
                 RouteDecision(
@@ -138,6 +171,21 @@ class ClusterRouter:
                     cluster=int(clusters[0]),
                     distance=float(d[0]),
                     ood=ood,
+                    expected_costs=() if cost is None else tuple(float(cost[i]) for i in order),
                 )
             )
         return decisions
+
+
+def trade_off(accuracy: FloatArray, cost: FloatArray, quality_weight: float) -> FloatArray:
+    """Avengers-Pro's score of each expert: normalised accuracy against relative cheapness.
+
+    With `quality_weight` 1 the result ranks exactly as `accuracy` does."""
+    if quality_weight >= 1:
+        return accuracy
+    span = float(accuracy.max() - accuracy.min())
+    quality = (accuracy - accuracy.min()) / span if span > 0 else np.ones_like(accuracy)
+    highest = float(cost.max())
+    cheapness = 1 - cost / highest if highest > 0 else np.ones_like(cost)
+    out: FloatArray = quality_weight * quality + (1 - quality_weight) * cheapness
+    return out

@@ -16,9 +16,14 @@ class RouteDecision:
     cluster: int | None = None
     distance: float | None = None
     ood: bool = False
+    expected_costs: tuple[float, ...] = ()
+    """What each expert's answer is expected to cost (the router's calibrated means), when the
+    router knows costs."""
 
 
 class Router(Protocol):
     """Chooses a pool's experts for a conversation (`StaticRouter`, `SemanticRouter`)."""
 
-    async def route(self, messages: Sequence[ChatMessage]) -> RouteDecision: ...
+    async def route(
+        self, messages: Sequence[ChatMessage], quality_weight: float = 1.0
+    ) -> RouteDecision: ...

@@ -31,7 +31,13 @@ class SemanticRouter:
         self.include_system = include_system
         self.history_turns = history_turns
 
-    async def route(self, messages: Sequence[ChatMessage]) -> RouteDecision:
+    @property
+    def cost_aware(self) -> bool:
+        return self.artifact.router.has_costs
+
+    async def route(
+        self, messages: Sequence[ChatMessage], quality_weight: float = 1.0
+    ) -> RouteDecision:
         text = query_text(
             messages, include_system=self.include_system, history_turns=self.history_turns
         )
@@ -41,4 +47,5 @@ class SemanticRouter:
             top_k=self.top_k,
             clusters_considered=self.clusters_considered,
             beta=self.beta,
+            quality_weight=quality_weight,
         )[0]

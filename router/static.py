@@ -16,5 +16,9 @@ class StaticRouter:
             experts=tuple(experts), weights=tuple(1.0 / len(experts) for _ in experts)
         )
 
-    async def route(self, messages: Sequence[ChatMessage]) -> RouteDecision:  # noqa: ARG002
+    async def route(
+        self,
+        messages: Sequence[ChatMessage],  # noqa: ARG002
+        quality_weight: float = 1.0,  # noqa: ARG002
+    ) -> RouteDecision:
         return self._decision

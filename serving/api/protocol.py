@@ -70,6 +70,8 @@ class ChatCompletionRequest(_Lenient):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0)] | None = None
     user: str | None = None
+    # Chorus's extensions (the `openai` SDK sends them with `extra_body`).
+    quality_weight: Annotated[float, Field(ge=0, le=1)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:

@@ -10,8 +10,8 @@ Everything after this stage reads the `ChatRequest`, never the body.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -30,6 +30,7 @@ class ChatRequest:
     generation: GenerationRequest
     stream: bool
     include_usage: bool  # stream a usage chunk before [DONE]
+    quality_weight: float | None = None  # None: the pool's own
 
     @property
     def id(self) -> str:
@@ -44,13 +45,32 @@ class ChatRequest:
         return self.generation.params.logprobs
 
 
-def validate_chat(raw: bytes, limits: ServerConfig) -> ChatRequest:
-    """Parse and check a request body; `InvalidRequestError` names the field."""
+QUALITY_WEIGHT_HEADER = "x-chorus-quality-weight"
+
+
+def validate_chat(
+    raw: bytes, limits: ServerConfig, headers: Mapping[str, str] | None = None
+) -> ChatRequest:
+    """Parse and check a request body (and Chorus's request headers); `InvalidRequestError`
+    names the field."""
     try:
         body = ChatCompletionRequest.model_validate_json(raw)
     except ValidationError as exc:
         raise invalid_request(exc.errors()) from None
-    return _within_limits(body, limits)
+    chat = _within_limits(body, limits)
+    header = (headers or {}).get(QUALITY_WEIGHT_HEADER)
+    if header is not None and chat.quality_weight is None:  # the body's field wins
+        try:
+            value = float(header)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value <= 1:
+            raise InvalidRequestError(
+                f"header `{QUALITY_WEIGHT_HEADER}` must be a number in [0, 1]",
+                param=QUALITY_WEIGHT_HEADER,
+            )
+        chat = replace(chat, quality_weight=value)
+    return chat
 
 
 def invalid_request(errors: Sequence[Any]) -> InvalidRequestError:
@@ -125,4 +145,4 @@ def _within_limits(body: ChatCompletionRequest, limits: ServerConfig) -> ChatReq
     messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
     generation = GenerationRequest(f"chatcmpl-{uuid.uuid4().hex}", messages, params)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    return ChatRequest(body.model, generation, body.stream, include_usage)
+    return ChatRequest(body.model, generation, body.stream, include_usage, body.quality_weight)

@@ -13,6 +13,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from router.artifact import RouterArtifact
+from router.costs import MEASURED_UNIT, CostModel
 from serving.config.schema import (
     BUILTIN_CHAT_TEMPLATES,
     ENGINE_TAGS,
@@ -22,6 +24,7 @@ from serving.config.schema import (
     ExpertConfig,
     FuseStrategyConfig,
     OpenAIExpertConfig,
+    Price,
     TransformersExpertConfig,
     VllmExpertConfig,
 )
@@ -80,7 +83,43 @@ def _check_artifacts(config: Config) -> list[tuple[str, str]]:
             check_compatible(artifact, experts=pool.experts, embedder=config.router.embedder)
         except ArtifactError as exc:
             problems.append((f"pools.{name}.router.artifact", str(exc)))
+            continue
+        problems += _check_costs(config, name, artifact)
     return problems
+
+
+def _check_costs(config: Config, name: str, artifact: RouterArtifact) -> list[tuple[str, str]]:
+    """A pool that trades accuracy for cost needs a router that knows costs, reckoned as the
+    config prices its experts now."""
+    pool = config.pools[name]
+    fitted = artifact.costs
+    if not fitted:
+        if pool.quality_weight < 1:
+            return [
+                (
+                    f"pools.{name}.quality_weight",
+                    "below 1 needs a router fitted with costs; refit it with `chorus router fit` "
+                    "from records that `chorus calibrate` wrote (they hold tokens and seconds)",
+                )
+            ]
+        return []
+    problems = []
+    for expert in pool.experts:
+        price = config.experts[expert].price
+        if price is None and fitted[expert].unit != MEASURED_UNIT:
+            reason = f"was priced in {fitted[expert].unit} when the router was fitted"
+        elif price is not None and fitted[expert] != priced(price):
+            reason = "has another price than when the router was fitted"
+        else:
+            continue
+        problems.append(
+            (f"experts.{expert}.price", f"{reason}; refit pools.{name}.router.artifact")
+        )
+    return problems
+
+
+def priced(price: Price) -> CostModel:
+    return CostModel.priced(price.prompt, price.completion, price.unit)
 
 
 def key_path(loc: Sequence[int | str]) -> str:

@@ -33,9 +33,20 @@ class SamplingDefaults(_Model):
     """None: up to the context window."""
 
 
+class Price(_Model):
+    """What an expert's tokens cost, per million, in a unit the operator names."""
+
+    prompt: Annotated[float, Field(ge=0)]
+    completion: Annotated[float, Field(ge=0)]
+    unit: Annotated[str, Field(min_length=1)] = "USD"
+    """A currency, or GPU-seconds for a self-hosted expert; all experts of a pool share one."""
+
+
 class _ExpertCommon(_Model):
     """Settings every engine has."""
 
+    price: Price | None = None
+    """None: the expert costs the seconds per token its calibration measured (docs/routing.md)."""
     stop: tuple[str, ...] = ()
     """Stop strings always applied, besides the request's (e.g. "\\nUser:" for a base model)."""
     defaults: SamplingDefaults = SamplingDefaults()
@@ -211,6 +222,9 @@ class PoolConfig(_Model):
 
     router: PoolRouterConfig | None = None
     """None: experts in the listed order (the first answers a `single` pool)."""
+    quality_weight: Annotated[float, Field(ge=0, le=1)] = 1.0
+    """Avengers-Pro's alpha: 1 routes by accuracy alone; lower trades accuracy for cost (the
+    router must have been fitted with costs). A request may override it."""
     description: str = ""
 
 

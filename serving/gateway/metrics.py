@@ -37,6 +37,20 @@ class GatewayMetrics:
             ["expert", "kind"],
             registry=r,
         )
+        self.pool_tokens = Counter(
+            "chorus_pool_tokens",
+            "Tokens each expert spent on a pool's requests (prompt or completion): the tokens "
+            "chorus_cost_total is reckoned from.",
+            ["pool", "expert", "kind"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "chorus_cost",
+            "What each expert's work on a pool's requests cost, in the pool's cost unit "
+            "(/v1/models says which).",
+            ["pool", "expert"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "chorus_inflight_requests", "Chat requests being served now.", registry=r
         )

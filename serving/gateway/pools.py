@@ -13,6 +13,7 @@ from ensemble.engine import Engine
 from ensemble.stepwise import Step, session_engines
 from ensemble.strategy import SingleStrategy, Strategy
 from router import artifact
+from router.costs import CostModel
 from router.decision import Router
 from router.embedder import BatchingEmbedder
 from router.semantic import SemanticRouter
@@ -24,6 +25,7 @@ from serving.config import (
     FuseStrategyConfig,
     PoolConfig,
 )
+from serving.config.loading import priced
 from serving.engines import build_engine
 from serving.engines.common.supervised import supervise
 from serving.gateway.metrics import GatewayMetrics
@@ -43,6 +45,8 @@ class Target:
     experts: tuple[str, ...]
     router: Router
     strategy: Strategy
+    quality_weight: float = 1.0  # the pool's; a request may override it
+    cost_aware: bool = False  # its router can trade accuracy for cost
 
 
 class Gateway:
@@ -76,13 +80,17 @@ class Gateway:
         self.needs_embedder = any(pool.router is not None for pool in config.pools.values())
         self.targets: dict[str, Target] = {}
         for name, pool in config.pools.items():
+            router = self._router(pool)
             self.targets[name] = Target(
                 name,
                 "pool",
                 pool.experts,
-                self._router(pool),
+                router,
                 build_strategy(pool.strategy, partial(self._observe_step, name)),
+                pool.quality_weight,
+                isinstance(router, SemanticRouter) and router.cost_aware,
             )
+        self.costs = self._cost_models()
         for name in config.experts:
             self.targets[name] = Target(
                 name, "expert", (name,), StaticRouter([name]), SingleStrategy()
@@ -104,6 +112,20 @@ class Gateway:
         self.metrics.fusion_step_seconds.labels(pool).observe(step.seconds)
         if step.gated:
             self.metrics.fusion_gate_skips.labels(pool).inc()
+
+    def _cost_models(self) -> dict[str, CostModel]:
+        """Each expert's cost: its price, else what a router's calibration measured for it
+        (experts with neither have no cost)."""
+        costs = {
+            name: priced(expert.price)
+            for name, expert in self.config.experts.items()
+            if expert.price is not None
+        }
+        for target in self.targets.values():
+            if isinstance(target.router, SemanticRouter):
+                for name, model in target.router.artifact.costs.items():
+                    costs.setdefault(name, model)
+        return costs
 
     def _router(self, pool: PoolConfig) -> Router:
         if pool.router is None:

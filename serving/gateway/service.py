@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections import Counter
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
 from ensemble.errors import EngineError
 from ensemble.types import EnsembleTrace, GenerationChunk
+from router.costs import CostModel
 from router.decision import RouteDecision
 from serving.api.errors import (
     DeadlineExceededError,
@@ -59,8 +61,10 @@ class ChatCall:
     first: GenerationChunk
     rest: AsyncGenerator[GenerationChunk, None]
     first_token_at: float | None = None
+    costs: Mapping[str, CostModel] = field(default_factory=dict)  # per expert, where known
     prompt_tokens: dict[str, int] = field(default_factory=dict)  # per expert
     completion_tokens: int = 0
+    completion_by_expert: Counter[str] = field(default_factory=Counter)
     outcome: int | None = None
 
     @property
@@ -83,12 +87,38 @@ class ChatCall:
             "x-chorus-overhead-ms": f"{self.overhead_ms:.2f}",
             "x-request-id": self.id,
         }
+        cost = self.cost()
+        if self.outcome is not None and cost is not None:  # a stream's is in its last chunk
+            headers["x-chorus-cost"] = f"{cost:.6g}"
         if self.decision.cluster is not None:
             headers["x-chorus-cluster"] = str(self.decision.cluster)
             headers["x-chorus-ood"] = "true" if self.decision.ood else "false"
         return headers
 
+    def expert_usage(self) -> dict[str, dict[str, Any]]:
+        """Per expert: the prompt and completion tokens this request spent on it, and their
+        cost (None where the expert has no price and no measured cost)."""
+        out: dict[str, dict[str, Any]] = {}
+        for expert in {**self.prompt_tokens, **self.completion_by_expert}:
+            prompt, completion = (
+                self.prompt_tokens.get(expert, 0),
+                self.completion_by_expert[expert],
+            )
+            model = self.costs.get(expert)
+            out[expert] = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "cost": None if model is None else model.cost(prompt, completion),
+            }
+        return out
+
+    def cost(self) -> float | None:
+        """What the request cost, every expert it used included; None when one has no cost."""
+        costs = [u["cost"] for u in self.expert_usage().values()]
+        return None if any(c is None for c in costs) else float(sum(costs))
+
     def chorus(self) -> dict[str, Any]:
+        units = {m.unit for e, m in self.costs.items() if e in self.target.experts}
         return self.trace.summaries() | {
             "pool": self.target.model_id,
             "strategy": self.target.strategy.name,
@@ -96,6 +126,9 @@ class ChatCall:
             "cluster": self.decision.cluster,
             "ood": self.decision.ood,
             "weights": list(self.trace.weights),
+            "cost": self.cost(),
+            "cost_unit": units.pop() if len(units) == 1 else None,
+            "usage": self.expert_usage(),
             "timings": {
                 "route_ms": round(self.route_ms, 3),
                 "total_ms": round((time.perf_counter() - self.received) * 1000, 3),
@@ -149,6 +182,7 @@ class ChatService:
             overhead_ms=overhead_ms,
             first=first,
             rest=stream,
+            costs=self.gateway.costs,
         )
 
     def _target(self, chat: ChatRequest) -> Target:
@@ -170,8 +204,17 @@ class ChatService:
 
     async def _route(self, target: Target, chat: ChatRequest) -> RouteDecision:
         started = time.perf_counter()
+        quality_weight = target.quality_weight
+        if chat.quality_weight is not None:
+            if not target.cost_aware:
+                raise InvalidRequestError(
+                    f"`{target.model_id}` has no router that knows costs, so it cannot honour "
+                    "`quality_weight`",
+                    param="quality_weight",
+                )
+            quality_weight = chat.quality_weight
         try:
-            decision = await target.router.route(chat.generation.messages)
+            decision = await target.router.route(chat.generation.messages, quality_weight)
         except Exception as exc:  # an embedder failure is the gateway's, not the client's
             raise ServiceUnavailableError(f"routing `{target.model_id}` failed: {exc}") from exc
         self.metrics.routing_duration.labels(target.model_id).observe(time.perf_counter() - started)
@@ -208,6 +251,7 @@ class ChatService:
         seen = call.prompt_tokens.get(chunk.expert, 0)
         call.prompt_tokens[chunk.expert] = max(seen, chunk.prompt_tokens)
         call.completion_tokens += chunk.tokens
+        call.completion_by_expert[chunk.expert] += chunk.tokens
         if chunk.tokens:  # remote experts count theirs once, at the end: text chunks carry 0
             self.metrics.tokens.labels(chunk.expert, "completion").inc(chunk.tokens)
         if call.first_token_at is None and chunk.text:

@@ -121,6 +121,11 @@ class RequestScope:
         pool = call.target.model_id
         for expert, tokens in call.prompt_tokens.items():
             m.tokens.labels(expert, "prompt").inc(tokens)
+        for expert, usage in call.expert_usage().items():
+            m.pool_tokens.labels(pool, expert, "prompt").inc(usage["prompt_tokens"])
+            m.pool_tokens.labels(pool, expert, "completion").inc(usage["completion_tokens"])
+            if usage["cost"] is not None:
+                m.cost.labels(pool, expert).inc(usage["cost"])
         for expert in call.trace.experts:
             m.expert_selected.labels(pool, expert).inc()
         for expert in call.trace.failed:

@@ -35,7 +35,7 @@ async def chat_completions(request: Request) -> Response:
         received=received,
     )
     try:
-        chat = validate_chat(await request.body(), state.server)
+        chat = validate_chat(await request.body(), state.server, request.headers)
         scope.label(chat.model)
         if state.runtime.draining:
             raise ServiceUnavailableError("Chorus is shutting down; retry on another replica.")
