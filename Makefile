@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install install-vllm models router serve test test-fast lint fmt bench bench-experts soak calibration clean
+.PHONY: install install-vllm models router serve test test-fast lint fmt bench bench-experts soak calibration evaluation clean
 
 install: $(VENV)/.installed $(VENV)/.installed-vllm models router
 
@@ -61,6 +61,15 @@ calibration: $(VENV)/.installed models
 		--out-dir $(PUBLIC)
 	$(BIN)/chorus calibrate --config configs/default.yaml --pool auto \
 		--data $(PUBLIC)/calibration.jsonl --out $(PUBLIC)/calibration-auto.jsonl
+
+# Every expert and pool of the default config on the public test split, through the HTTP API
+# (about an hour and a half on 2 cores); vote and fuse are left out of the long-answer
+# benchmarks, which cost minutes a question there.
+EVAL_MODELS ?= smollm2-135m-instruct,gemma3-270m,qwen2.5-coder-0.5b-instruct,auto,vote,fuse
+EVAL_SKIP ?= vote:gsm8k,vote:humaneval,fuse:gsm8k,fuse:humaneval
+evaluation: install
+	$(BIN)/chorus eval --config configs/default.yaml --data $(PUBLIC)/test.jsonl \
+		--models $(EVAL_MODELS) --skip $(EVAL_SKIP) --concurrency 4 --out loadtest/eval-public
 
 serve: install
 	$(BIN)/chorus serve --config $(CONFIG) --host $(HOST) --port $(PORT)

@@ -47,6 +47,11 @@ def add_parsers(commands: Any) -> None:
     add_config(evaluate)
     evaluate.add_argument("--data", required=True, type=Path, help="labeled JSONL")
     evaluate.add_argument("--models", required=True, help="comma-separated model ids")
+    evaluate.add_argument(
+        "--from-results",
+        type=Path,
+        help="report on a results.jsonl of an earlier run instead of asking the models again",
+    )
     evaluate.add_argument("--out", required=True, type=Path, help="report folder")
     evaluate.add_argument("--url", help="a running server; default: serve the config in-process")
     evaluate.add_argument("--limit", type=int, help="at most this many questions per category")
@@ -107,6 +112,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 async def _eval(args: argparse.Namespace, command: str) -> int:
+    from router.files import read_jsonl
     from serving.evaluation.calibrate import load_labeled
     from serving.evaluation.evaluate import (
         limit_per_category,
@@ -130,6 +136,13 @@ async def _eval(args: argparse.Namespace, command: str) -> int:
         skip.add((model, category))
     questions = limit_per_category(load_labeled(args.data), args.limit)
     args.out.mkdir(parents=True, exist_ok=True)
+    experts = [m for m in models if m in config.experts]
+    if args.from_results:
+        results = [row for _, row in read_jsonl(args.from_results) if row["model"] in models]
+        summary = summarize(results, models, experts=set(experts))
+        write_report(args.out, results, summary, command, experts)
+        _print(summary, args.out)
+        return 0
     options = {
         "max_tokens": args.max_tokens,
         "concurrency": args.concurrency,
@@ -142,13 +155,17 @@ async def _eval(args: argparse.Namespace, command: str) -> int:
         async with serve_in_process(config) as url:
             results = await run_eval(url, models, questions, **options)
     (args.out / "results.jsonl.partial").unlink()
-    summary = summarize(results, models, experts=set(config.experts))
-    write_report(args.out, results, summary, command)
+    summary = summarize(results, models, experts=set(experts))
+    write_report(args.out, results, summary, command, experts)
+    _print(summary, args.out)
+    return 0
+
+
+def _print(summary: dict[str, Any], out: Path) -> None:
     for model, stats in summary["models"].items():
         print(
             f"{model}: accuracy {stats['accuracy']:.3f} over {stats['answers']} answers, "
             f"{stats['mean_latency_s']:.2f} s and {stats['mean_completion_tokens']:.1f} "
             f"completion tokens per answer"
         )
-    print(f"report: {args.out / 'report.md'}")
-    return 0
+    print(f"report: {out / 'report.md'}")

@@ -176,6 +176,38 @@ async def run_eval(
     return results
 
 
+def expert_records(
+    results: Sequence[dict[str, Any]], experts: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The experts' answers as calibration records (query, scores, tokens, seconds) of the
+    questions every one of them answered: held-out records for `chorus router curve`."""
+    by_question: dict[tuple[str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in results:
+        if r["model"] in experts and "error" not in r:
+            by_question[(r["category"], r["id"])][r["model"]] = r
+    records = []
+    for (category, _), rows in by_question.items():
+        if len(rows) < len(experts):
+            continue
+        first = next(iter(rows.values()))
+        records.append(
+            {
+                "query": first["question"],
+                "category": category,
+                "scores": {e: float(rows[e]["correct"]) for e in experts},
+                "tokens": {
+                    e: {
+                        "prompt": rows[e]["prompt_tokens"],
+                        "completion": rows[e]["completion_tokens"],
+                    }
+                    for e in experts
+                },
+                "seconds": {e: round(rows[e]["latency_s"], 4) for e in experts},
+            }
+        )
+    return records
+
+
 def _mean(values: Iterable[float]) -> float:
     listed = list(values)
     return statistics.mean(listed) if listed else 0.0
@@ -302,10 +334,16 @@ def _cell(stats: dict[str, Any] | None, key: str, fmt: str) -> str:
 
 
 def write_report(
-    out: Path, results: Sequence[dict[str, Any]], summary: dict[str, Any], command: str
+    out: Path,
+    results: Sequence[dict[str, Any]],
+    summary: dict[str, Any],
+    command: str,
+    experts: Sequence[str] = (),
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "results.jsonl", list(results))
+    if experts:
+        write_jsonl(out / "records.jsonl", expert_records(results, experts))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, out / "accuracy.png")
     models, categories = list(summary["models"]), summary["categories"]

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import DEFAULT_CONFIG, ServerProcess
+from tests.loopback import metric
 
 pytestmark = pytest.mark.integration
 
@@ -268,10 +269,7 @@ def test_metrics_parse_and_count_requests(server: ServerProcess, client: openai.
 def test_health_is_ok_once_loaded(server: ServerProcess) -> None:
     response = httpx.get(f"{server.url}/health")
     assert response.status_code == 200
-    assert json.loads(response.text)["experts"] == {
-        "smollm2-135m-instruct": True,
-        "gemma3-270m": True,
-    }
+    assert json.loads(response.text)["experts"] == {SMOLLM2: True, GEMMA: True, QWEN: True}
 
 
 def test_vote_pool_through_the_sdk_plain_and_streamed(client: openai.OpenAI) -> None:
@@ -401,3 +399,62 @@ def test_a_client_leaving_a_stream_stops_the_engine(server: ServerProcess) -> No
     first, later = _settles(server)
     assert first == later, "the engine kept generating for a client that left"
     assert before < later < before + 200
+
+
+@pytest.mark.parametrize("model", [SMOLLM2, "auto", "vote", "fuse"])
+def test_cost_in_body_header_and_metric_agree(
+    server: ServerProcess, client: openai.OpenAI, model: str
+) -> None:
+    before = metric(server.url, "chorus_cost_total", pool=model)
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=QUESTION, max_tokens=8
+    )
+    completion = raw.parse()
+    chorus = completion.model_extra["chorus"]
+    assert chorus["cost_unit"] == "seconds"  # no prices: what calibration measured here
+    per_expert = chorus["usage"]
+    assert completion.usage is not None
+    assert sum(u["prompt_tokens"] for u in per_expert.values()) == completion.usage.prompt_tokens
+    assert (
+        sum(u["completion_tokens"] for u in per_expert.values())
+        == completion.usage.completion_tokens
+    )
+    assert chorus["cost"] == pytest.approx(sum(u["cost"] for u in per_expert.values()))
+    assert chorus["cost"] > 0
+    assert float(raw.headers["x-chorus-cost"]) == pytest.approx(chorus["cost"], rel=1e-5)
+    spent = metric(server.url, "chorus_cost_total", pool=model) - before
+    assert spent == pytest.approx(chorus["cost"], rel=1e-9)
+    for expert, usage in per_expert.items():
+        tokens = metric(server.url, "chorus_pool_tokens_total", pool=model, expert=expert)
+        assert tokens >= usage["prompt_tokens"] + usage["completion_tokens"]
+    if model == "fuse":  # every fused expert is paid for, not only the one whose tokenizer won
+        assert len(per_expert) >= 2
+
+
+def test_quality_weight_per_request_body_or_header(client: openai.OpenAI) -> None:
+    cheap = client.chat.completions.create(
+        model="auto", messages=QUESTION, max_tokens=4, extra_body={"quality_weight": 0.0}
+    )
+    by_header = client.chat.completions.create(
+        model="auto", messages=QUESTION, max_tokens=4,
+        extra_headers={"x-chorus-quality-weight": "0"},
+    )  # fmt: skip
+    # At alpha 0 only cost counts: the routed expert is the cheapest one the router knows.
+    assert cheap.model_extra["chorus"]["experts"] == by_header.model_extra["chorus"]["experts"]
+    models = {m.id: m.model_extra["chorus"] for m in client.models.list().data}
+    costs = {e: models[e]["cost"]["per_million_completion_tokens"] for e in (SMOLLM2, GEMMA, QWEN)}
+    assert cheap.model_extra["chorus"]["experts"][0] != QWEN and costs[QWEN] == max(costs.values())
+    assert models["auto"]["cost_aware"] and models["auto"]["quality_weight"] == 1.0
+    assert models[SMOLLM2]["cost"]["source"] == "measured by calibration"
+    for bad, param in (
+        ({"extra_body": {"quality_weight": 1.5}}, "quality_weight"),
+        ({"extra_headers": {"x-chorus-quality-weight": "cheap"}}, "x-chorus-quality-weight"),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="auto", messages=QUESTION, max_tokens=2, **bad)
+        assert refused.value.body["param"] == param  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as refused:  # an expert is not routed at all
+        client.chat.completions.create(
+            model=SMOLLM2, messages=QUESTION, max_tokens=2, extra_body={"quality_weight": 0.5}
+        )
+    assert refused.value.body["param"] == "quality_weight"  # type: ignore[index]
