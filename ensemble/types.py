@@ -40,6 +40,8 @@ class GenerationRequest:
     request_id: str
     messages: tuple[ChatMessage, ...]
     params: SamplingParams
+    answer_format: str | None = None
+    """How a vote reads the answer out of a reply (`ensemble.answers`); None: the pool's."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ import math
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 from ensemble.answers import AnswerFormat, extract
 from ensemble.engine import Engine
@@ -115,12 +116,13 @@ class VotingStrategy:
     async def run(
         self, request: GenerationRequest, experts: Sequence[Engine], trace: EnsembleTrace
     ) -> AsyncGenerator[GenerationChunk, None]:
+        fmt = cast(AnswerFormat, request.answer_format or self.answer_format)
         poll = _Poll(experts, self._sampling(request))
-        async with aclosing(self._gather(poll)) as keepalives:
+        async with aclosing(self._gather(poll, fmt)) as keepalives:
             async for keepalive in keepalives:
                 yield keepalive
         trace.failed.extend(poll.failed)
-        winner = self._count(poll.runs, trace)
+        winner = self._count(poll.runs, trace, fmt)
         for chunk in _reply(poll.runs, winner):
             yield chunk
 
@@ -136,7 +138,9 @@ class VotingStrategy:
         )
         return replace(request, params=params)
 
-    async def _gather(self, poll: _Poll) -> AsyncGenerator[GenerationChunk, None]:
+    async def _gather(
+        self, poll: _Poll, fmt: AnswerFormat
+    ) -> AsyncGenerator[GenerationChunk, None]:
         """The runs the vote needs, into `poll`: the top expert's, and the next one's too when
         the top one agrees with itself less than `escalate_below`. A failed expert is skipped
         and the next takes its place. Streams keep-alive chunks while experts sample."""
@@ -160,15 +164,15 @@ class VotingStrategy:
                     if i == len(poll.experts) - 1 and not poll.runs:
                         raise
                     continue
-                if wanted == 1 and top_share(self._samples(poll.runs)) < self.escalate_below:
+                if wanted == 1 and top_share(_samples(poll.runs, fmt)) < self.escalate_below:
                     wanted = 2  # the top expert disagrees with itself: ask the next one
         finally:
             await poll.cancel()
 
-    def _count(self, runs: list[_Run], trace: EnsembleTrace) -> _Sampled:
+    def _count(self, runs: list[_Run], trace: EnsembleTrace, fmt: AnswerFormat) -> _Sampled:
         """The vote over every run's samples, recorded in `trace`; returns the winning sample."""
         escalated = len(runs) > 1
-        samples = self._samples(runs)
+        samples = _samples(runs, fmt)
         names = [run.expert for run in runs]
         weights = consistency_weights(samples, names) if escalated else {names[0]: 1.0}
         result = vote(samples, weights)
@@ -178,13 +182,6 @@ class VotingStrategy:
             result.counts, result.answer, round(result.agreement, 6), escalated
         )
         return [s for run in runs for s in run.samples][result.winner]
-
-    def _samples(self, runs: list[_Run]) -> list[Sample]:
-        return [
-            Sample(run.expert, s.text, extract(s.text, self.answer_format), s.mean_logprob())
-            for run in runs
-            for s in run.samples
-        ]
 
     async def _heartbeats(
         self, task: asyncio.Task[_Run], started: asyncio.Event | None
@@ -236,3 +233,11 @@ def _reply(runs: list[_Run], winner: _Sampled) -> Iterator[GenerationChunk]:
 
 def _given(value: float | None, default: float) -> float:
     return default if value is None else value
+
+
+def _samples(runs: list[_Run], fmt: AnswerFormat) -> list[Sample]:
+    return [
+        Sample(run.expert, s.text, extract(s.text, fmt), s.mean_logprob())
+        for run in runs
+        for s in run.samples
+    ]

@@ -72,6 +72,7 @@ class ChatCompletionRequest(_Lenient):
     user: str | None = None
     # Chorus's extensions (the `openai` SDK sends them with `extra_body`).
     quality_weight: Annotated[float, Field(ge=0, le=1)] | None = None
+    answer_format: Literal["auto", "number", "choice", "short", "text"] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:

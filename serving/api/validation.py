@@ -143,6 +143,8 @@ def _within_limits(body: ChatCompletionRequest, limits: ServerConfig) -> ChatReq
         top_logprobs=body.top_logprobs or 0,
     )
     messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
-    generation = GenerationRequest(f"chatcmpl-{uuid.uuid4().hex}", messages, params)
+    generation = GenerationRequest(
+        f"chatcmpl-{uuid.uuid4().hex}", messages, params, body.answer_format
+    )
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return ChatRequest(body.model, generation, body.stream, include_usage, body.quality_weight)

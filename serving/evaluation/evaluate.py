@@ -26,6 +26,9 @@ from serving.config import Config
 from serving.evaluation.calibrate import TOP_LOGPROBS, wants_logprobs
 from serving.evaluation.graders import grade
 
+# What a vote pool votes over, per grader: letters, numbers, short answers, or whole replies.
+VOTE_FORMATS = {"choice": "choice", "number": "number", "short": "short", "code": "text"}
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -71,14 +74,16 @@ async def ask(
     *,
     max_tokens: int,
     logprobs: bool,
-    greedy: bool = True,
+    voting: bool = False,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "user", "content": record["question"]}],
         "max_tokens": int(record.get("max_tokens", max_tokens)),
     }
-    if greedy:
+    if voting:  # at the pool's temperature, over the answers this record's grader reads
+        body["answer_format"] = VOTE_FORMATS.get(record.get("grader", "auto"), "auto")
+    else:
         body["temperature"] = 0
     if logprobs:
         body |= {"logprobs": True, "top_logprobs": TOP_LOGPROBS}
@@ -145,7 +150,7 @@ async def run_eval(
                         item,
                         max_tokens=max_tokens,
                         logprobs=wants_logprobs(item) and not voting,
-                        greedy=not voting,
+                        voting=voting,
                     )
                     graded = await asyncio.to_thread(
                         grade, item, answer.get("reply", ""), answer.get("first_token_logprobs")

@@ -190,6 +190,13 @@ class ChatService:
         if not self.gateway.ready:
             raise ServiceUnavailableError("Chorus is still loading its experts; retry shortly.")
         target = self.gateway.target(chat.model)
+        if chat.generation.answer_format is not None and target.strategy.name != "vote":
+            raise InvalidRequestError(
+                f"`{target.model_id}` is a `{target.strategy.name}` "
+                f"{'pool' if target.kind == 'pool' else 'expert'}: only vote pools read answers "
+                "out of replies, so it cannot honour `answer_format`",
+                param="answer_format",
+            )
         max_n = target.strategy.max_n
         if max_n is not None and chat.n > max_n:
             raise InvalidRequestError(

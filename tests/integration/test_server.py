@@ -458,3 +458,18 @@ def test_quality_weight_per_request_body_or_header(client: openai.OpenAI) -> Non
             model=SMOLLM2, messages=QUESTION, max_tokens=2, extra_body={"quality_weight": 0.5}
         )
     assert refused.value.body["param"] == "quality_weight"  # type: ignore[index]
+
+
+def test_a_vote_reads_answers_in_the_format_the_request_names(client: openai.OpenAI) -> None:
+    question = [{"role": "user", "content": "Which is a fruit?\nA. stone\nB. apple\nC. car\n"
+                 "Answer with the letter of the correct option only."}]  # fmt: skip
+    voted = client.chat.completions.create(
+        model="vote", messages=question, max_tokens=1, extra_body={"answer_format": "choice"}
+    )
+    counted = voted.model_extra["chorus"]["vote"]["answers"]
+    assert counted and set(counted) <= {"A", "B", "C"}  # letters only, whatever else was said
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model="auto", messages=question, max_tokens=1, extra_body={"answer_format": "choice"}
+        )
+    assert refused.value.body["param"] == "answer_format"  # type: ignore[index]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 
@@ -227,3 +228,15 @@ async def test_token_level_pools_report_the_distribution_each_piece_was_chosen_f
         # ("i" against "o"), so neither reaches 0.9 and the primary's "i" wins the tie.
         assert math.isclose(math.exp(steps[0].logprob), 0.9, rel_tol=1e-6)
         assert steps[1].token == "i" and math.exp(steps[1].logprob) < 0.9
+
+
+@pytest.mark.parametrize(("fmt", "answer"), [("number", "12"), ("short", "13")])
+async def test_a_request_chooses_what_a_vote_reads_out_of_the_samples(
+    fmt: str, answer: str
+) -> None:
+    replies = [("12 apples", -0.3), ("12 apples", -0.3), ("12", -0.1), ("13", -0.2), ("13", -0.2)]
+    expert = ScriptedSamples("e", replies)
+    request = replace(REQUEST, answer_format=fmt)
+    trace = EnsembleTrace()
+    await collect(VotingStrategy(samples=5, escalate_below=0.0).run(request, [expert], trace))
+    assert trace.vote is not None and trace.vote.answer == answer
