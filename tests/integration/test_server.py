@@ -48,7 +48,7 @@ def test_routed_pool_shows_its_decision_in_body_headers_and_metrics(
     assert completion.choices[0].message.content
     chorus = completion.model_extra["chorus"]
     assert chorus["pool"] == "auto" and chorus["strategy"] == "single"
-    assert len(chorus["experts"]) == 1 and chorus["experts"][0] in (SMOLLM2, GEMMA)
+    assert len(chorus["experts"]) == 1 and chorus["experts"][0] in (SMOLLM2, GEMMA, QWEN)
     assert isinstance(chorus["cluster"], int) and chorus["ood"] is False
     assert chorus["weights"] == [1.0]
     assert chorus["timings"]["total_ms"] >= chorus["timings"]["route_ms"] > 0
@@ -59,17 +59,17 @@ def test_routed_pool_shows_its_decision_in_body_headers_and_metrics(
     assert raw.headers["x-chorus-ood"] == "false"
     assert float(raw.headers["x-chorus-overhead-ms"]) >= chorus["timings"]["route_ms"]
 
-    gibberish = [{"role": "user", "content": "zorp vlak thrumb ixx qwv"}]
-    odd = client.chat.completions.create(model="auto", messages=gibberish, max_tokens=2)
-    assert odd.model_extra["chorus"]["ood"] is True
+    # The default router's clusters are broad (public benchmarks of every kind), so nothing
+    # short of a query unlike any text is out of distribution there; OOD routing is tested
+    # with a tight artifact in test_router_real.py.
+    client.chat.completions.create(model="auto", messages=QUESTION, max_tokens=2)
 
     text = httpx.get(f"{server.url}/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     routed = [s for s in families["chorus_routing_duration_seconds"].samples
               if s.name.endswith("_count") and s.labels["pool"] == "auto"]  # fmt: skip
     assert routed and routed[0].value >= 2
-    ood = [s for s in families["chorus_route_ood"].samples if s.name == "chorus_route_ood_total"]
-    assert ood and ood[0].value >= 1
+    assert "chorus_route_ood" in families
 
 
 def test_stream_with_usage_matches_the_plain_answer(client: openai.OpenAI) -> None:
@@ -155,7 +155,7 @@ def test_logprobs(client: openai.OpenAI) -> None:
     assert content is not None and len(content) == completion.usage.completion_tokens  # type: ignore[union-attr]
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
     assert "".join(t.token for t in content).startswith(completion.choices[0].message.content or "")
-    assert completion.model_extra["chorus"]["experts"][0] in (SMOLLM2, GEMMA)
+    assert completion.model_extra["chorus"]["experts"][0] in (SMOLLM2, GEMMA, QWEN)
 
 
 def test_tools_are_refused_through_the_sdk_not_ignored(client: openai.OpenAI) -> None:
@@ -313,7 +313,7 @@ def test_eval_command_writes_report_chart_and_results(server: ServerProcess, tmp
     assert len(results) == 4 and {r["model"] for r in results} == {"smollm2-135m-instruct", "auto"}
     assert all(r["latency_s"] > 0 and "reply" in r for r in results)
     report = (out / "report.md").read_text()
-    assert "| smollm2-135m-instruct |" in report and "| geo |" in report
+    assert "| smollm2-135m-instruct |" in report and "| geo (1) |" in report
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -322,7 +322,9 @@ def test_fuse_pool_streams_through_the_sdk(server: ServerProcess, client: openai
     plain = client.chat.completions.create(model="fuse", messages=question, max_tokens=16)
     fusion = plain.model_extra["chorus"]["fusion"]
     assert plain.model_extra["chorus"]["strategy"] == "fuse"
-    assert set(fusion["share"]) == {SMOLLM2, GEMMA} and 0 <= fusion["gate_skip_rate"] <= 1
+    fused = set(fusion["share"])  # the two routed experts (top_k 2) of the three
+    assert len(fused) == 2 and fused <= {SMOLLM2, GEMMA, QWEN}
+    assert 0 <= fusion["gate_skip_rate"] <= 1
     assert plain.usage is not None and plain.usage.completion_tokens == fusion["steps"]
 
     stream = client.chat.completions.create(
@@ -337,7 +339,7 @@ def test_fuse_pool_streams_through_the_sdk(server: ServerProcess, client: openai
     assert "".join(pieces) == plain.choices[0].message.content  # greedy both times
     assert chunks[-1].usage is not None
     finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
-    assert set(finishing[0].model_extra["chorus"]["experts"]) == {SMOLLM2, GEMMA}
+    assert set(finishing[0].model_extra["chorus"]["experts"]) == fused
 
     text = httpx.get(f"{server.url}/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -346,7 +348,7 @@ def test_fuse_pool_streams_through_the_sdk(server: ServerProcess, client: openai
     assert steps and steps[0] >= 2 * fusion["steps"]
     selected = {s.labels["expert"]: s.value for s in families["chorus_expert_selected"].samples
                 if s.name.endswith("_total") and s.labels["pool"] == "fuse"}  # fmt: skip
-    assert selected.get(SMOLLM2, 0) >= 2 and selected.get(GEMMA, 0) >= 2  # both requests
+    assert all(selected.get(e, 0) >= 2 for e in fused)  # both requests
     assert "chorus_fusion_gate_skips" in families and "chorus_fusion_step_seconds" in families
 
 
