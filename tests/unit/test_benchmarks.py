@@ -170,3 +170,39 @@ def test_dataset_cli_writes_both_splits(tmp_path: Path) -> None:
     test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
     assert [r["category"] for r in test] == ["mmlu", "mmlu", "humaneval"]
     assert main(["dataset", "--benchmarks", "nope=1", "--out-dir", str(tmp_path)]) == 2
+
+
+def test_eval_reports_again_from_recorded_results(tmp_path: Path) -> None:
+    from serving.cli.main import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "experts:\n  a: {model: bundled:smollm2-135m-instruct}\n"
+        "  b: {model: bundled:gemma3-270m}\npools:\n  p: {experts: [a, b]}\n"
+    )
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "q1", "answers": ["x"]}\n{"question": "q2", "answers": ["y"]}\n')
+    rows = []
+    for qid, right in (
+        ("q1", {"a": True, "b": False, "p": True}),
+        ("q2", {"a": False, "b": True, "p": False}),
+    ):
+        for model, correct in right.items():
+            answered_by = [model if model != "p" else "a"]
+            rows.append({"model": model, "category": "c", "id": qid, "question": qid, "answers": [],
+                         "correct": correct, "latency_s": 0.5, "prompt_tokens": 10,
+                         "completion_tokens": 3, "experts": answered_by})  # fmt: skip
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    argv = ["eval", "--config", str(config), "--data", str(data), "--models", "a,b,p",
+            "--out", str(out), "--from-results", str(results)]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["oracle"]["accuracy"] == 1.0  # each question has an expert that got it
+    assert summary["models"]["p"]["accuracy"] == 0.5 and summary["models"]["p"]["routed"] == {
+        "c": {"a": 2}
+    }
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert [r["scores"] for r in records] == [{"a": 1.0, "b": 0.0}, {"a": 0.0, "b": 1.0}]
+    assert records[0]["tokens"]["a"] == {"prompt": 10, "completion": 3}
