@@ -63,8 +63,7 @@ class ChatCall:
     first_token_at: float | None = None
     costs: Mapping[str, CostModel] = field(default_factory=dict)  # per expert, where known
     prompt_tokens: dict[str, int] = field(default_factory=dict)  # per expert
-    completion_tokens: int = 0
-    completion_by_expert: Counter[str] = field(default_factory=Counter)
+    completion_tokens: Counter[str] = field(default_factory=Counter)  # per expert
     outcome: int | None = None
 
     @property
@@ -99,11 +98,8 @@ class ChatCall:
         """Per expert: the prompt and completion tokens this request spent on it, and their
         cost (None where the expert has no price and no measured cost)."""
         out: dict[str, dict[str, Any]] = {}
-        for expert in {**self.prompt_tokens, **self.completion_by_expert}:
-            prompt, completion = (
-                self.prompt_tokens.get(expert, 0),
-                self.completion_by_expert[expert],
-            )
+        for expert in {**self.prompt_tokens, **self.completion_tokens}:
+            prompt, completion = self.prompt_tokens.get(expert, 0), self.completion_tokens[expert]
             model = self.costs.get(expert)
             out[expert] = {
                 "prompt_tokens": prompt,
@@ -137,11 +133,11 @@ class ChatCall:
 
     def usage(self) -> dict[str, int]:
         """Every expert's prompt and every generated token, the losing vote samples included."""
-        prompt = sum(self.prompt_tokens.values())
+        prompt, completion = sum(self.prompt_tokens.values()), self.completion_tokens.total()
         return {
             "prompt_tokens": prompt,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": prompt + self.completion_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
         }
 
 
@@ -257,8 +253,7 @@ class ChatService:
     def _count(self, call: ChatCall, chunk: GenerationChunk) -> None:
         seen = call.prompt_tokens.get(chunk.expert, 0)
         call.prompt_tokens[chunk.expert] = max(seen, chunk.prompt_tokens)
-        call.completion_tokens += chunk.tokens
-        call.completion_by_expert[chunk.expert] += chunk.tokens
+        call.completion_tokens[chunk.expert] += chunk.tokens
         if chunk.tokens:  # remote experts count theirs once, at the end: text chunks carry 0
             self.metrics.tokens.labels(chunk.expert, "completion").inc(chunk.tokens)
         if call.first_token_at is None and chunk.text:
