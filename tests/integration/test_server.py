@@ -206,7 +206,8 @@ HOSTILE = [
     b'"d","e","f","g","h","i"]}',
     b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "stream_options": {}}',
     b'{"model": ["auto"], "messages": [{"role": "user", "content": "hi"}]}',
-    b'{"model": "auto", "messages": [{"role": "user", "content": "' + b"x " * 20000 + b'"}]}',
+    # Longer than every expert's context window (Qwen2.5-Coder's is 32,768 tokens).
+    b'{"model": "auto", "messages": [{"role": "user", "content": "' + b"x " * 40000 + b'"}]}',
     b"\xff\xfe\x00garbage",
 ]
 
