@@ -63,8 +63,8 @@ calibration: $(VENV)/.installed models
 		--data $(PUBLIC)/calibration.jsonl --out $(PUBLIC)/calibration-auto.jsonl
 
 # Every expert and pool of the default config on the public test split, through the HTTP API
-# (about an hour and a half on 2 cores); vote and fuse are left out of the long-answer
-# benchmarks, which cost minutes a question there.
+# (hours on 2 cores: a long answer costs a minute or more there); vote and fuse are left out
+# of the long-answer benchmarks.
 EVAL_MODELS ?= smollm2-135m-instruct,gemma3-270m,qwen2.5-coder-0.5b-instruct,auto,vote,fuse
 EVAL_SKIP ?= vote:gsm8k,vote:humaneval,fuse:gsm8k,fuse:humaneval
 evaluation: install
