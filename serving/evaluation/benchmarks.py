@@ -50,10 +50,11 @@ class Benchmark:
     def test(self) -> list[Record]:
         return self.load_test()
 
-    def calibration(self) -> list[Record]:
-        """The calibration items, less any that the test split asks too: public splits repeat
-        some questions (MMLU's clinical_knowledge and college_medicine share items)."""
-        asked = {r["question"] for r in self.load_test()}
+    def calibration(self, test: Sequence[Record] | None = None) -> list[Record]:
+        """The calibration items, less any that the test split (`test`, loaded when not given)
+        asks too: public splits repeat some questions (MMLU's clinical_knowledge and
+        college_medicine share items)."""
+        asked = {r["question"] for r in (self.load_test() if test is None else test)}
         return [r for r in self.load_calibration() if r["question"] not in asked]
 
 
@@ -378,11 +379,11 @@ def build_splits(
     """The first N items of each benchmark's seeded order, per split; the splits never share an
     item (their sources are disjoint)."""
     splits: dict[str, list[Record]] = {"calibration": [], "test": []}
-    for split, counts in (("calibration", calibration_counts), ("test", test_counts)):
-        for name, count in counts.items():
-            benchmark = BENCHMARKS[name]
-            load = benchmark.test if split == "test" else benchmark.calibration
-            splits[split].extend(load()[:count])
+    tests = {name: BENCHMARKS[name].test() for name in {*test_counts, *calibration_counts}}
+    for name, count in calibration_counts.items():
+        splits["calibration"].extend(BENCHMARKS[name].calibration(tests[name])[:count])
+    for name, count in test_counts.items():
+        splits["test"].extend(tests[name][:count])
     test_ids = {(r["category"], r["id"]) for r in splits["test"]}
     shared = [r["id"] for r in splits["calibration"] if (r["category"], r["id"]) in test_ids]
     if shared:  # a defect in a loader: never let a calibration item into the test

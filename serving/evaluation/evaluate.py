@@ -124,12 +124,10 @@ async def run_eval(
     """Every model's graded answer to every question, `concurrency` questions at a time (the
     models of one question one after another). `skip` holds (model, category) pairs not run.
     With `progress`, each result is appended there as it comes."""
-    jobs = [
-        (item, model)
-        for item in questions
-        for model in models
-        if (model, item.get("category", "all")) not in skip
-    ]
+
+    def asked(item: dict[str, Any]) -> list[str]:
+        return [m for m in models if (m, item.get("category", "all")) not in skip]
+
     results: list[dict[str, Any]] = []
     gate = asyncio.Semaphore(concurrency)
     sink = progress.open("w", encoding="utf-8") if progress else None
@@ -138,9 +136,7 @@ async def run_eval(
 
         async def one(item: dict[str, Any], bar: tqdm[Any]) -> None:
             async with gate:
-                for model in models:
-                    if (model, item.get("category", "all")) in skip:
-                        continue
+                for model in asked(item):
                     # A vote samples at its pool's temperature, and its answer is the voted
                     # reply (logprobs would be one sample's); everything else is greedy.
                     voting = strategies.get(model) == "vote"
@@ -173,7 +169,9 @@ async def run_eval(
                     bar.update(1)
 
         try:
-            with tqdm(total=len(jobs), desc="evaluating", unit="answer") as bar:
+            with tqdm(
+                total=sum(len(asked(q)) for q in questions), desc="evaluating", unit="answer"
+            ) as bar:
                 await asyncio.gather(*(one(item, bar) for item in questions))
         finally:
             if sink is not None:
