@@ -22,6 +22,7 @@ from ensemble.types import (
     GenerationChunk,
     GenerationRequest,
     NextTokens,
+    Piece,
     SamplingParams,
     TokenLogprob,
     TopLogprob,
@@ -108,6 +109,7 @@ class Stepper:
         self._pending: list[list[tuple[str, tuple[int, ...]]]] = [[] for _ in sessions]
         self.top_logprobs: int | None = None  # report each step's distribution when set
         self._unsent: list[TokenLogprob] = []  # steps whose text a stop string still holds
+        self._held: list[Piece] = []  # chosen pieces not yet streamed, who chose them
 
     @classmethod
     async def open(
@@ -206,6 +208,8 @@ class Stepper:
         `distribution` is what the piece was chosen from (the fused candidates, or the deciding
         expert's own); when the request asked for logprobs, the chunk reports it."""
         text, finish = self.commit(chosen, views)
+        if not chosen.end:  # an end candidate's text is a marker, never part of the answer
+            self._held.append(Piece(chosen.text, producer, dict(weights)))
         self.produced[producer] += 1
         self.finished = finish is not None
         if self.observer is not None:
@@ -217,9 +221,32 @@ class Stepper:
             self._unsent.append(TokenLogprob(chosen.text, chosen.logprob, top))
         if not (text or finish):
             return None
-        chunk = replace(self.chunk(text, finish), logprobs=tuple(self._unsent))
+        chunk = replace(
+            self.chunk(text, finish),
+            logprobs=tuple(self._unsent),
+            pieces=self._release(text, finish is not None),
+        )
         self._unsent = []
         return chunk
+
+    def _release(self, text: str, finished: bool) -> tuple[Piece, ...]:
+        """The held pieces that make up `text`, the stop scanner's output, split where it cut
+        one; the scanner emits a prefix of what was pushed, so the pieces follow in order. On
+        the last chunk whatever is still held was a stop string's, never streamed."""
+        out: list[Piece] = []
+        left = len(text)
+        while left and self._held:
+            piece = self._held[0]
+            if len(piece.text) <= left:
+                out.append(self._held.pop(0))
+                left -= len(piece.text)
+            else:
+                out.append(replace(piece, text=piece.text[:left]))
+                self._held[0] = replace(piece, text=piece.text[left:])
+                left = 0
+        if finished:
+            self._held = []
+        return tuple(out)
 
     def shares(self) -> dict[str, float]:
         steps = max(self.steps, 1)

@@ -60,6 +60,16 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True, slots=True)
+class Piece:
+    """A stretch of streamed text and the expert that chose it, with the weights each expert
+    had in that choice (token-level strategies; {expert: 1.0} where one expert decided)."""
+
+    text: str
+    expert: str
+    weights: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationChunk:
     """A piece of one sample's output.
 
@@ -68,6 +78,9 @@ class GenerationChunk:
     tokens of `expert` (the same on every chunk of one generation), so a consumer can report usage
     whenever it stops reading. A strategy may send chunks with no text that only account for work
     (samples that lost a vote), and `keepalive` chunks that say it is still working.
+
+    `pieces`, from token-level strategies, split `text` by the expert that chose each stretch
+    (their texts join to `text`); empty where `expert` produced all of it.
     """
 
     expert: str
@@ -78,6 +91,7 @@ class GenerationChunk:
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: FinishReason | None = None
     keepalive: bool = False
+    pieces: tuple[Piece, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

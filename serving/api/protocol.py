@@ -73,6 +73,7 @@ class ChatCompletionRequest(_Lenient):
     # Chorus's extensions (the `openai` SDK sends them with `extra_body`).
     quality_weight: Annotated[float, Field(ge=0, le=1)] | None = None
     answer_format: Literal["auto", "number", "choice", "short", "text"] | None = None
+    chorus_pieces: bool = False  # tag each piece of text with the expert that chose it
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:

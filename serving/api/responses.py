@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ensemble.types import TokenLogprob
+from ensemble.types import Piece, TokenLogprob
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,14 +53,33 @@ class Envelope:
 
 
 def message_choice(
-    index: int, text: str, finish: str, logprobs: list[dict[str, Any]] | None
+    index: int,
+    text: str,
+    finish: str,
+    logprobs: list[dict[str, Any]] | None,
+    pieces: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if pieces is not None:
+        message["chorus_pieces"] = pieces
     return {
         "index": index,
-        "message": {"role": "assistant", "content": text},
+        "message": message,
         "logprobs": {"content": logprobs} if logprobs is not None else None,
         "finish_reason": finish,
     }
+
+
+def pieces_json(pieces: tuple[Piece, ...]) -> list[dict[str, Any]]:
+    """The `chorus_pieces` extension: each stretch of text and the expert that chose it."""
+    return [
+        {
+            "text": p.text,
+            "expert": p.expert,
+            "weights": {name: round(w, 4) for name, w in p.weights.items()},
+        }
+        for p in pieces
+    ]
 
 
 def delta_choice(

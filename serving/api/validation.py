@@ -31,6 +31,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool  # stream a usage chunk before [DONE]
     quality_weight: float | None = None  # None: the pool's own
+    pieces: bool = False  # `chorus_pieces`: say which expert chose each piece of text
 
     @property
     def id(self) -> str:
@@ -147,4 +148,6 @@ def _within_limits(body: ChatCompletionRequest, limits: ServerConfig) -> ChatReq
         f"chatcmpl-{uuid.uuid4().hex}", messages, params, body.answer_format
     )
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    return ChatRequest(body.model, generation, body.stream, include_usage, body.quality_weight)
+    return ChatRequest(
+        body.model, generation, body.stream, include_usage, body.quality_weight, body.chorus_pieces
+    )

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ensemble.errors import EngineError
-from ensemble.types import EnsembleTrace, GenerationChunk
+from ensemble.types import EnsembleTrace, GenerationChunk, Piece
 from router.costs import CostModel
 from router.decision import RouteDecision
 from serving.api.errors import (
@@ -35,6 +35,7 @@ from serving.api.responses import (
     delta_choice,
     logprobs_json,
     message_choice,
+    pieces_json,
     sse,
 )
 from serving.api.validation import ChatRequest
@@ -266,6 +267,7 @@ class ChatService:
         """Read the whole stream into one `chat.completion` object."""
         texts: dict[int, list[str]] = {}
         logprobs: dict[int, list[dict[str, Any]]] = {}
+        pieces: dict[int, list[dict[str, Any]]] = {}
         finish: dict[int, str] = {}
         async for chunk in self._chunks(call):
             if chunk.keepalive:
@@ -273,6 +275,8 @@ class ChatService:
             self._count(call, chunk)
             texts.setdefault(chunk.index, []).append(chunk.text)
             logprobs.setdefault(chunk.index, []).extend(logprobs_json(chunk.logprobs))
+            if call.chat.pieces and chunk.text:
+                pieces.setdefault(chunk.index, []).extend(pieces_json(_pieces(chunk)))
             if chunk.finish_reason:
                 finish[chunk.index] = chunk.finish_reason
         choices = [
@@ -281,6 +285,7 @@ class ChatService:
                 "".join(texts.get(i, [])),
                 finish.get(i, "stop"),
                 logprobs.get(i, []) if call.chat.logprobs else None,
+                pieces.get(i, []) if call.chat.pieces else None,
             )
             for i in range(call.chat.n)
         ]
@@ -327,9 +332,15 @@ class ChatService:
         yield SSE_DONE
 
     def _delta(self, call: ChatCall, chunk: GenerationChunk) -> dict[str, Any]:
+        delta: dict[str, Any] = {"content": chunk.text} if chunk.text else {}
+        if call.chat.pieces and chunk.text:  # opt-in: ordinary clients get the standard shape
+            delta["chorus_pieces"] = pieces_json(_pieces(chunk))
         return delta_choice(
-            chunk.index,
-            {"content": chunk.text} if chunk.text else {},
-            chunk.finish_reason,
-            chunk.logprobs if call.chat.logprobs else None,
+            chunk.index, delta, chunk.finish_reason, chunk.logprobs if call.chat.logprobs else None
         )
+
+
+def _pieces(chunk: GenerationChunk) -> tuple[Piece, ...]:
+    """Who chose each stretch of a chunk's text: a token-level strategy's own account, else
+    the chunk's expert alone (a single expert, or a vote's winning sample)."""
+    return chunk.pieces or (Piece(chunk.text, chunk.expert, {chunk.expert: 1.0}),)
