@@ -17,8 +17,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.api.errors import error_body
 from serving.config import ServerConfig
+from serving.http.routes.playground import PLAYGROUND_PATHS
 
-OPEN_PATHS = frozenset({"/health"})
+# The playground's page and assets are static and hold no data; the calls it makes need the key.
+OPEN_PATHS = frozenset({"/health"}) | PLAYGROUND_PATHS
 
 
 def key_digests(config: ServerConfig) -> frozenset[str]:
