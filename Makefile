@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install install-vllm models router serve test test-fast lint fmt bench bench-experts soak calibration evaluation clean
+.PHONY: install install-vllm models router system-packages serve test test-fast lint fmt bench bench-experts soak calibration evaluation clean
 
 install: $(VENV)/.installed $(VENV)/.installed-vllm models router
 
@@ -71,11 +71,23 @@ evaluation: install
 	$(BIN)/chorus eval --config configs/default.yaml --data $(PUBLIC)/test.jsonl \
 		--models $(EVAL_MODELS) --skip $(EVAL_SKIP) --concurrency 4 --out loadtest/eval-public
 
+# System packages the tests need: Chromium and its driver for the playground's browser test
+# (tests/integration/test_playground_browser.py). apt-get runs only when one is missing; without
+# root or apt-get it says what is missing and goes on (that test then skips, naming this target).
+SYSTEM_PACKAGES := chromium chromium-driver
+system-packages:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+		echo "system-packages: missing" $$missing "(needs root and apt-get); skipped"; exit 0; \
+	fi; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing
+
 serve: install
 	$(BIN)/chorus serve --config $(CONFIG) --host $(HOST) --port $(PORT)
 
 # Everything (what CI runs), with the slowest tests listed at the end.
-test: install
+test: install system-packages
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 # The quick loop: pure logic and app-level tests (scripted engines, a real server on loopback),
