@@ -44,7 +44,7 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
     for flag in (
         "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--window-size=1400,820", f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1400,780", f"--user-data-dir={tmp_path / 'profile'}",
     ):  # fmt: skip
         options.add_argument(flag)
     # The system's chromedriver, so Selenium Manager never tries to download one.

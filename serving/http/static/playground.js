@@ -350,13 +350,16 @@ function showTip(event) {
   tip.append(head);
   for (const [expert, weight] of Object.entries(JSON.parse(span.dataset.weights))) {
     const row = document.createElement("div");
-    row.className = "weight";
-    const bar = document.createElement("span");
-    bar.className = `bar ${colourOf(expert)}`;
-    bar.style.width = `${Math.round(weight * 100)}%`;
+    row.className = `weight ${colourOf(expert)}`;
     const label = document.createElement("span");
     label.textContent = `${expert} ${weight.toFixed(2)}`;
-    row.append(bar, label);
+    const track = document.createElement("span");
+    track.className = "track";
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    bar.style.width = `${Math.round(weight * 100)}%`;
+    track.append(bar);
+    row.append(label, track);
     tip.append(row);
   }
   const box = span.getBoundingClientRect();
