@@ -97,6 +97,13 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """Async tests run on asyncio, what Chorus runs on. anyio's default runs them on every
+    backend installed, and selenium (a dev dependency) brings trio."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
 def server() -> Iterator[ServerProcess]:
     srv = ServerProcess(DEFAULT_CONFIG)
     try:
