@@ -94,8 +94,10 @@ def invalid_request(errors: Sequence[Any]) -> InvalidRequestError:
 
 # OpenAI request fields that change what the client gets back and that Chorus does not honour
 # yet: refused with a 400 naming the field, never ignored, unless they hold the value that asks
-# for nothing (an empty list, a zero penalty, plain text). Fields it does not know at all (a
-# vendor's extensions, `metadata`, `store`) are ignored, as vLLM does.
+# for nothing (an empty list, a zero penalty, plain text). Fields that only label or bill the
+# request (`metadata`, `store`, `user`, `safety_identifier`, `prompt_cache_key`,
+# `prompt_cache_options`, `prompt_cache_retention`, `service_tier`) and a vendor's extensions are
+# ignored, as vLLM does: they change nothing in the answer (tests/unit/test_field_walk.py).
 NOT_HONOURED: dict[str, tuple[object, ...]] = {
     "tools": (None, []),
     "tool_choice": (None, "none"),
@@ -110,6 +112,11 @@ NOT_HONOURED: dict[str, tuple[object, ...]] = {
     "audio": (None,),
     "prediction": (None,),
     "web_search_options": (None,),
+    # These change the output of reasoning models (how long they think, how much they write);
+    # no expert here takes them, so a value is refused rather than dropped.
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "moderation": (None,),  # moderation of input and output: Chorus runs none
 }
 
 
