@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import ServerProcess
+from ensemble.errors import PromptTooLong
+from ensemble.types import GenerationRequest, SamplingParams
+from tests.conftest import ServerProcess, collect, texts
 from tests.integration.test_remote_engine import relay_config
 from tests.loopback import metric
+
+if TYPE_CHECKING:
+    from serving.engines.transformers.engine import TransformersEngine
 
 pytestmark = pytest.mark.integration
 
@@ -43,6 +48,29 @@ def reference(expert: str, prompt: str, max_new_tokens: int) -> str:
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
     text: str = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     return text
+
+
+def raw(prompt: str, **params: Any) -> GenerationRequest:
+    return GenerationRequest("raw", (), SamplingParams(**params), prompt=prompt)
+
+
+def test_the_engine_continues_the_raw_prompt_as_transformers_does(
+    smollm2: TransformersEngine, gemma: TransformersEngine
+) -> None:
+    """The engine seam itself, without the server: a raw prompt is not templated, and an
+    expert's chat-turn stop (gemma's "\nUser:") does not cut it."""
+    for engine in (smollm2, gemma):
+        chunks = collect(engine, raw(PROMPT, max_tokens=12, temperature=0))
+        assert texts(chunks)[0] == reference(engine.name, PROMPT, 12)
+    dialogue = "User: hi\nAssistant: hello\nUser: bye\nAssistant: bye\nUser: hi\nAssistant:"
+    chunks = collect(gemma, raw(dialogue, max_tokens=12, temperature=0))
+    assert texts(chunks)[0] == reference(GEMMA, dialogue, 12)
+
+
+def test_a_raw_prompt_too_long_names_prompt(smollm2: TransformersEngine) -> None:
+    with pytest.raises(PromptTooLong) as too_long:
+        collect(smollm2, raw("word " * 9000, max_tokens=4))
+    assert too_long.value.param == "prompt"
 
 
 @pytest.mark.parametrize("expert", [SMOLLM2, GEMMA])
