@@ -1,5 +1,6 @@
-"""One chat request through a gateway: route it, run its pool's strategy, read the stream into
-an OpenAI response (`serving.api.responses`), and account for its tokens.
+"""One chat request (or legacy completions request: raw prompts) through a gateway: route it,
+run its pool's strategy, read the stream into an OpenAI response shaped by the endpoint's
+`ResponseShape` (`serving.api.responses`), and account for its tokens.
 
 No FastAPI here: `ChatService` takes a validated `ChatRequest` and returns dicts and SSE strings,
 so it is testable without HTTP.
@@ -299,7 +300,8 @@ class ChatService:
             )
 
     async def complete(self, call: ChatCall) -> dict[str, Any]:
-        """Read the whole stream into one `chat.completion` object."""
+        """Read the whole stream into one answer object (`chat.completion`, or the call's
+        shape's)."""
         texts: dict[int, list[str]] = {}
         logprobs: dict[int, list[TokenLogprob]] = {}
         finish: dict[int, str] = {}
