@@ -37,11 +37,21 @@ class SamplingParams:
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
+    """What one expert is asked to generate: a chat (`messages`, rendered with the expert's chat
+    template) or, for the legacy completions API, a raw `prompt` sent to the model as it is."""
+
     request_id: str
     messages: tuple[ChatMessage, ...]
     params: SamplingParams
     answer_format: str | None = None
     """How a vote reads the answer out of a reply (`ensemble.answers`); None: the pool's."""
+    prompt: str | None = None
+    """A raw prompt (no chat template, no expert `stop`); when set, `messages` is empty."""
+
+    @property
+    def prompt_param(self) -> str:
+        """The request field a problem with the prompt names: `prompt` or `messages`."""
+        return "messages" if self.prompt is None else "prompt"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,15 @@
 """OpenAI response objects as plain dicts (the shapes are fixed, and dict building is cheaper per
-chunk than model validation): `chat.completion`, `chat.completion.chunk`, and SSE framing."""
+chunk than model validation): `chat.completion`, `chat.completion.chunk`, and SSE framing.
+
+A `ResponseShape` is what differs between endpoints (the choices' shape, how many there are, what
+opens each streamed choice); `ChatShape` is the chat endpoint's, and
+`serving.api.completion_responses.TextCompletionShape` the legacy completions endpoint's."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ensemble.types import Piece, TokenLogprob
 
@@ -17,13 +21,15 @@ class Envelope:
     id: str
     created: int
     model: str
+    object: str = "chat.completion"
+    chunk_object: str = "chat.completion.chunk"
 
     def completion(
         self, choices: list[dict[str, Any]], usage: dict[str, int], chorus: dict[str, Any]
     ) -> dict[str, Any]:
         return {
             "id": self.id,
-            "object": "chat.completion",
+            "object": self.object,
             "created": self.created,
             "model": self.model,
             "choices": choices,
@@ -40,7 +46,7 @@ class Envelope:
     ) -> dict[str, Any]:
         out: dict[str, Any] = {
             "id": self.id,
-            "object": "chat.completion.chunk",
+            "object": self.chunk_object,
             "created": self.created,
             "model": self.model,
             "choices": choices,
@@ -50,6 +56,88 @@ class Envelope:
         if chorus is not None:
             out["chorus"] = chorus
         return out
+
+
+class ResponseShape(Protocol):
+    """How one endpoint shapes an answer's choices, whole or streamed. Logprobs are passed
+    whether or not the client asked for them: the shape knows."""
+
+    @property
+    def object(self) -> str:
+        """The `object` of a whole answer."""
+
+    @property
+    def chunk_object(self) -> str:
+        """The `object` of a streamed chunk."""
+
+    @property
+    def choices(self) -> int:
+        """How many choices the answer has."""
+
+    def choice(
+        self,
+        index: int,
+        text: str,
+        finish: str,
+        logprobs: tuple[TokenLogprob, ...],
+        pieces: tuple[Piece, ...],
+    ) -> dict[str, Any]: ...
+
+    def opening(self, index: int) -> dict[str, Any] | None:
+        """The streamed choice's first chunk, sent before any text (None: none)."""
+
+    def delta(
+        self,
+        index: int,
+        text: str,
+        finish: str | None,
+        logprobs: tuple[TokenLogprob, ...],
+        pieces: tuple[Piece, ...],
+    ) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ChatShape:
+    """`chat.completion` choices: a message each, a role chunk first when streamed; with
+    `pieces` (the opt-in `chorus_pieces` extension), who chose each stretch of text."""
+
+    choices: int
+    logprobs: bool
+    pieces: bool = False
+    object: str = "chat.completion"
+    chunk_object: str = "chat.completion.chunk"
+
+    def choice(
+        self,
+        index: int,
+        text: str,
+        finish: str,
+        logprobs: tuple[TokenLogprob, ...],
+        pieces: tuple[Piece, ...],
+    ) -> dict[str, Any]:
+        return message_choice(
+            index,
+            text,
+            finish,
+            logprobs_json(logprobs) if self.logprobs else None,
+            pieces_json(pieces) if self.pieces else None,
+        )
+
+    def opening(self, index: int) -> dict[str, Any] | None:
+        return delta_choice(index, {"role": "assistant", "content": ""})
+
+    def delta(
+        self,
+        index: int,
+        text: str,
+        finish: str | None,
+        logprobs: tuple[TokenLogprob, ...],
+        pieces: tuple[Piece, ...],
+    ) -> dict[str, Any]:
+        content: dict[str, Any] = {"content": text} if text else {}
+        if self.pieces and text:  # opt-in: ordinary clients get the standard shape
+            content["chorus_pieces"] = pieces_json(pieces)
+        return delta_choice(index, content, finish, logprobs if self.logprobs else None)
 
 
 def message_choice(

@@ -59,19 +59,26 @@ def validate_chat(
     except ValidationError as exc:
         raise invalid_request(exc.errors()) from None
     chat = _within_limits(body, limits)
-    header = (headers or {}).get(QUALITY_WEIGHT_HEADER)
-    if header is not None and chat.quality_weight is None:  # the body's field wins
-        try:
-            value = float(header)
-        except ValueError:
-            value = -1.0
-        if not 0 <= value <= 1:
-            raise InvalidRequestError(
-                f"header `{QUALITY_WEIGHT_HEADER}` must be a number in [0, 1]",
-                param=QUALITY_WEIGHT_HEADER,
-            )
-        chat = replace(chat, quality_weight=value)
+    if chat.quality_weight is None:  # the body's field wins
+        chat = replace(chat, quality_weight=header_quality_weight(headers))
     return chat
+
+
+def header_quality_weight(headers: Mapping[str, str] | None) -> float | None:
+    """The `x-chorus-quality-weight` header's value, if sent; a 400 if it is not in [0, 1]."""
+    header = (headers or {}).get(QUALITY_WEIGHT_HEADER)
+    if header is None:
+        return None
+    try:
+        value = float(header)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise InvalidRequestError(
+            f"header `{QUALITY_WEIGHT_HEADER}` must be a number in [0, 1]",
+            param=QUALITY_WEIGHT_HEADER,
+        )
+    return value
 
 
 def invalid_request(errors: Sequence[Any]) -> InvalidRequestError:
@@ -88,8 +95,10 @@ def invalid_request(errors: Sequence[Any]) -> InvalidRequestError:
 
 # OpenAI request fields that change what the client gets back and that Chorus does not honour
 # yet: refused with a 400 naming the field, never ignored, unless they hold the value that asks
-# for nothing (an empty list, a zero penalty, plain text). Fields it does not know at all (a
-# vendor's extensions, `metadata`, `store`) are ignored, as vLLM does.
+# for nothing (an empty list, a zero penalty, plain text). Fields that only label or bill the
+# request (`metadata`, `store`, `user`, `safety_identifier`, `prompt_cache_key`,
+# `prompt_cache_options`, `prompt_cache_retention`, `service_tier`) and a vendor's extensions are
+# ignored, as vLLM does: they change nothing in the answer (tests/unit/test_field_walk.py).
 NOT_HONOURED: dict[str, tuple[object, ...]] = {
     "tools": (None, []),
     "tool_choice": (None, "none"),
@@ -104,12 +113,20 @@ NOT_HONOURED: dict[str, tuple[object, ...]] = {
     "audio": (None,),
     "prediction": (None,),
     "web_search_options": (None,),
+    # These change the output of reasoning models (how long they think, how much they write);
+    # no expert here takes them, so a value is refused rather than dropped.
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "moderation": (None,),  # moderation of input and output: Chorus runs none
 }
 
 
-def _refuse_what_is_not_honoured(body: ChatCompletionRequest) -> None:
-    extra = body.model_extra or {}
-    for name, harmless in NOT_HONOURED.items():
+def refuse_what_is_not_honoured(
+    extra: Mapping[str, Any], not_honoured: Mapping[str, tuple[object, ...]]
+) -> None:
+    """A 400 naming the first field of `not_honoured` that `extra` (a body's fields beyond its
+    wire model) holds with a value other than a harmless one."""
+    for name, harmless in not_honoured.items():
         if name in extra and extra[name] not in harmless:
             raise InvalidRequestError(
                 f"`{name}` is not supported by Chorus yet; leave it out", param=name
@@ -117,7 +134,7 @@ def _refuse_what_is_not_honoured(body: ChatCompletionRequest) -> None:
 
 
 def _within_limits(body: ChatCompletionRequest, limits: ServerConfig) -> ChatRequest:
-    _refuse_what_is_not_honoured(body)
+    refuse_what_is_not_honoured(body.model_extra or {}, NOT_HONOURED)
     stop = body.stop_list()
     if body.n > limits.max_n:
         raise InvalidRequestError(f"`n` must be at most {limits.max_n}", param="n")

@@ -1,5 +1,6 @@
-"""One chat request through a gateway: route it, run its pool's strategy, read the stream into
-an OpenAI response (`serving.api.responses`), and account for its tokens.
+"""One chat request (or legacy completions request: raw prompts) through a gateway: route it,
+run its pool's strategy, read the stream into an OpenAI response shaped by the endpoint's
+`ResponseShape` (`serving.api.responses`), and account for its tokens.
 
 No FastAPI here: `ChatService` takes a validated `ChatRequest` and returns dicts and SSE strings,
 so it is testable without HTTP.
@@ -17,7 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ensemble.errors import EngineError
-from ensemble.types import EnsembleTrace, GenerationChunk, Piece
+from ensemble.prompt_list import each_prompt
+from ensemble.types import (
+    ChatMessage,
+    EnsembleTrace,
+    GenerationChunk,
+    GenerationRequest,
+    Piece,
+    TokenLogprob,
+)
 from router.costs import CostModel
 from router.decision import RouteDecision
 from serving.api.errors import (
@@ -31,11 +40,9 @@ from serving.api.errors import (
 from serving.api.responses import (
     SSE_DONE,
     SSE_KEEPALIVE,
+    ChatShape,
     Envelope,
-    delta_choice,
-    logprobs_json,
-    message_choice,
-    pieces_json,
+    ResponseShape,
     sse,
 )
 from serving.api.validation import ChatRequest
@@ -52,6 +59,7 @@ class ChatCall:
 
     chat: ChatRequest
     envelope: Envelope
+    shape: ResponseShape  # the endpoint's choices: chat messages, or text completions
     target: Target
     decision: RouteDecision
     routed: tuple[str, ...]  # the experts the strategy started with, best first
@@ -64,6 +72,8 @@ class ChatCall:
     first_token_at: float | None = None
     costs: Mapping[str, CostModel] = field(default_factory=dict)  # per expert, where known
     prompt_tokens: dict[str, int] = field(default_factory=dict)  # per expert
+    # Per expert and prompt (a list of raw prompts has several): the prompt tokens counted.
+    prompt_seen: dict[tuple[str, int], int] = field(default_factory=dict)
     completion_tokens: Counter[str] = field(default_factory=Counter)  # per expert
     outcome: int | None = None
 
@@ -147,18 +157,37 @@ class ChatService:
         self.gateway = gateway
         self.metrics = gateway.metrics
 
-    async def start(self, chat: ChatRequest, received: float) -> ChatCall:
-        """Route and start generating; raise `GatewayError` before any byte is sent."""
+    async def start(
+        self,
+        chat: ChatRequest,
+        received: float,
+        *,
+        shape: ResponseShape | None = None,
+        prompts: tuple[GenerationRequest, ...] = (),
+    ) -> ChatCall:
+        """Route and start generating; raise `GatewayError` before any byte is sent.
+
+        `prompts` are raw prompts (the legacy completions API), answered in turn, `n` choices
+        each; `chat.generation` is the first of them. `shape` is the endpoint's (chat's when
+        None)."""
         target = self._target(chat)
+        if prompts:
+            _check_raw_prompts(target)
         route_start = time.perf_counter()
-        decision = await self._route(target, chat)
+        decision = await self._route(target, chat, _routed_messages(chat, prompts))
         route_ms = (time.perf_counter() - route_start) * 1000
         ready = [e for e in (self.gateway.engines[name] for name in decision.experts) if e.ready]
         if not ready:
             raise ServiceUnavailableError(f"no routed expert of `{target.model_id}` is available")
         trace = EnsembleTrace()
         overhead_ms = (time.perf_counter() - received) * 1000
-        stream = target.strategy.run(chat.generation, ready, trace)
+        if prompts:
+            stream = each_prompt(target.strategy, prompts, ready, trace)
+        else:
+            stream = target.strategy.run(chat.generation, ready, trace)
+        shaped: ResponseShape = (
+            shape if shape is not None else ChatShape(chat.n, chat.logprobs, chat.pieces)
+        )
         # Wait for real content before answering, so a failure up to here is a clean HTTP error.
         try:
             first = await anext(stream)
@@ -169,7 +198,10 @@ class ChatService:
             raise
         return ChatCall(
             chat=chat,
-            envelope=Envelope(chat.id, int(time.time()), target.model_id),
+            envelope=Envelope(
+                chat.id, int(time.time()), target.model_id, shaped.object, shaped.chunk_object
+            ),
+            shape=shaped,
             target=target,
             decision=decision,
             routed=tuple(e.name for e in ready),
@@ -206,7 +238,9 @@ class ChatService:
             raise ServiceUnavailableError(f"`{target.model_id}` cannot serve now: {reason}")
         return target
 
-    async def _route(self, target: Target, chat: ChatRequest) -> RouteDecision:
+    async def _route(
+        self, target: Target, chat: ChatRequest, messages: tuple[ChatMessage, ...]
+    ) -> RouteDecision:
         started = time.perf_counter()
         quality_weight = target.quality_weight
         if chat.quality_weight is not None:
@@ -218,7 +252,7 @@ class ChatService:
                 )
             quality_weight = chat.quality_weight
         try:
-            decision = await target.router.route(chat.generation.messages, quality_weight)
+            decision = await target.router.route(messages, quality_weight)
         except Exception as exc:  # an embedder failure is the gateway's, not the client's
             raise ServiceUnavailableError(f"routing `{target.model_id}` failed: {exc}") from exc
         self.metrics.routing_duration.labels(target.model_id).observe(time.perf_counter() - started)
@@ -252,8 +286,13 @@ class ChatService:
                 yield chunk
 
     def _count(self, call: ChatCall, chunk: GenerationChunk) -> None:
-        seen = call.prompt_tokens.get(chunk.expert, 0)
-        call.prompt_tokens[chunk.expert] = max(seen, chunk.prompt_tokens)
+        # Every chunk of one generation repeats its prompt's tokens: count each prompt once
+        # per expert (a vote's samples share one; a list's prompts add up).
+        key = (chunk.expert, chunk.index // call.chat.n)
+        seen = call.prompt_seen.get(key, 0)
+        total = call.prompt_tokens.get(chunk.expert, 0)
+        call.prompt_tokens[chunk.expert] = total + max(0, chunk.prompt_tokens - seen)
+        call.prompt_seen[key] = max(seen, chunk.prompt_tokens)
         call.completion_tokens[chunk.expert] += chunk.tokens
         if chunk.tokens:  # remote experts count theirs once, at the end: text chunks carry 0
             self.metrics.tokens.labels(chunk.expert, "completion").inc(chunk.tokens)
@@ -264,30 +303,30 @@ class ChatService:
             )
 
     async def complete(self, call: ChatCall) -> dict[str, Any]:
-        """Read the whole stream into one `chat.completion` object."""
+        """Read the whole stream into one answer object (`chat.completion`, or the call's
+        shape's)."""
         texts: dict[int, list[str]] = {}
-        logprobs: dict[int, list[dict[str, Any]]] = {}
-        pieces: dict[int, list[dict[str, Any]]] = {}
+        logprobs: dict[int, list[TokenLogprob]] = {}
+        pieces: dict[int, list[Piece]] = {}
         finish: dict[int, str] = {}
         async for chunk in self._chunks(call):
             if chunk.keepalive:
                 continue
             self._count(call, chunk)
             texts.setdefault(chunk.index, []).append(chunk.text)
-            logprobs.setdefault(chunk.index, []).extend(logprobs_json(chunk.logprobs))
-            if call.chat.pieces and chunk.text:
-                pieces.setdefault(chunk.index, []).extend(pieces_json(_pieces(chunk)))
+            logprobs.setdefault(chunk.index, []).extend(chunk.logprobs)
+            pieces.setdefault(chunk.index, []).extend(_pieces(chunk))
             if chunk.finish_reason:
                 finish[chunk.index] = chunk.finish_reason
         choices = [
-            message_choice(
+            call.shape.choice(
                 i,
                 "".join(texts.get(i, [])),
                 finish.get(i, "stop"),
-                logprobs.get(i, []) if call.chat.logprobs else None,
-                pieces.get(i, []) if call.chat.pieces else None,
+                tuple(logprobs.get(i, [])),
+                tuple(pieces.get(i, [])),
             )
-            for i in range(call.chat.n)
+            for i in range(call.shape.choices)
         ]
         call.outcome = 200
         return call.envelope.completion(choices, call.usage(), call.chorus())
@@ -295,15 +334,17 @@ class ChatService:
     async def stream(
         self, call: ChatCall, deadline_s: float | None = None
     ) -> AsyncGenerator[str, None]:
-        """SSE events: a role chunk per choice, content chunks, optional usage, then [DONE].
+        """SSE events: an opening chunk per choice (chat's role), content chunks, optional
+        usage, then [DONE].
 
         Once bytes are out the HTTP status stays 200: an error is sent as an error event before
         [DONE], and its status is the call's `outcome`."""
         envelope = call.envelope
         try:
-            for i in range(call.chat.n):
-                role = delta_choice(i, {"role": "assistant", "content": ""})
-                yield sse(envelope.chunk([role], chorus=call.chorus()))
+            for i in range(call.shape.choices):
+                opening = call.shape.opening(i)
+                if opening is not None:
+                    yield sse(envelope.chunk([opening], chorus=call.chorus()))
             # A choice's finishing chunk carries the `chorus` object, so it waits for the
             # strategy's end: token-level strategies complete their trace as they finish.
             finishing: list[GenerationChunk] = []
@@ -332,15 +373,34 @@ class ChatService:
         yield SSE_DONE
 
     def _delta(self, call: ChatCall, chunk: GenerationChunk) -> dict[str, Any]:
-        delta: dict[str, Any] = {"content": chunk.text} if chunk.text else {}
-        if call.chat.pieces and chunk.text:  # opt-in: ordinary clients get the standard shape
-            delta["chorus_pieces"] = pieces_json(_pieces(chunk))
-        return delta_choice(
-            chunk.index, delta, chunk.finish_reason, chunk.logprobs if call.chat.logprobs else None
+        return call.shape.delta(
+            chunk.index, chunk.text, chunk.finish_reason, chunk.logprobs, _pieces(chunk)
         )
 
 
 def _pieces(chunk: GenerationChunk) -> tuple[Piece, ...]:
     """Who chose each stretch of a chunk's text: a token-level strategy's own account, else
     the chunk's expert alone (a single expert, or a vote's winning sample)."""
+    if not chunk.text:
+        return ()
     return chunk.pieces or (Piece(chunk.text, chunk.expert, {chunk.expert: 1.0}),)
+
+
+def _check_raw_prompts(target: Target) -> None:
+    """Raw prompts are for one model's own continuation: a vote reads answers out of replies
+    and fusion aligns experts' chat answers, so only experts and `single` pools take them."""
+    if target.strategy.name != "single":
+        raise InvalidRequestError(
+            f"`{target.model_id}` is a `{target.strategy.name}` pool: /v1/completions is served "
+            "by experts and `single` pools only (use /v1/chat/completions)",
+            param="model",
+        )
+
+
+def _routed_messages(
+    chat: ChatRequest, prompts: tuple[GenerationRequest, ...]
+) -> tuple[ChatMessage, ...]:
+    """What a router reads: the chat's messages, or the raw prompts as one user message."""
+    if not prompts:
+        return chat.generation.messages
+    return (ChatMessage("user", "\n".join(p.prompt or "" for p in prompts)),)

@@ -17,7 +17,7 @@ from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.runtime import Runtime
 from serving.http.error_handlers import install_error_handlers
 from serving.http.guard import Guard
-from serving.http.routes import chat, health, models, playground
+from serving.http.routes import chat, completions, health, models, playground
 from serving.http.state import AppState
 
 
@@ -34,7 +34,7 @@ def create_app(
     app = FastAPI(title="Chorus", version="0.1.0", lifespan=_lifespan(runtime))
     app.add_middleware(Guard, config=config.server)
     app.state.chorus = AppState.build(runtime, config.server)
-    for routes in (chat, models, health, playground):
+    for routes in (chat, completions, models, health, playground):
         app.include_router(routes.router)
     install_error_handlers(app)
     return app

@@ -17,7 +17,7 @@ import pytest
 
 from ensemble.errors import PromptTooLong
 from ensemble.fuse import FusionStrategy
-from ensemble.types import EnsembleTrace, GenerationChunk, GenerationRequest
+from ensemble.types import EnsembleTrace, GenerationChunk, GenerationRequest, SamplingParams
 from serving.config import load_config
 from serving.engines.vllm.engine import VllmEngine
 from serving.engines.vllm.session import VllmSession
@@ -152,6 +152,13 @@ def test_logprobs(vllm: Harness) -> None:
     assert first.logprob <= 0 and len(first.top) == 3
     assert first.top[0].token == first.token  # greedy: the chosen token is the top one
     assert first.top[0].logprob >= first.top[1].logprob >= first.top[2].logprob
+
+
+def test_a_raw_prompt_is_continued_as_transformers_does(vllm: Harness) -> None:
+    from tests.integration.test_completions import PROMPT, reference
+
+    req = GenerationRequest("raw", (), SamplingParams(max_tokens=8, temperature=0), prompt=PROMPT)
+    assert texts(vllm.collect(req))[0] == reference(NAME, PROMPT, 8)
 
 
 def test_too_long_prompt_fails_before_the_first_chunk(vllm: Harness) -> None:

@@ -1,5 +1,5 @@
-"""What every engine does with a chat prompt: find its template, render it to token ids, and
-check it fits."""
+"""What every engine does with a prompt: find its chat template, render a chat (or take a raw
+completions prompt) to token ids, pick the stop strings, and check it fits."""
 
 from __future__ import annotations
 
@@ -34,7 +34,31 @@ def chat_prompt_ids(
     return ids
 
 
-def check_room(context_window: int, prompt_tokens: int, max_tokens: int | None) -> int:
+def raw_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """A raw completions prompt as token ids, with the tokenizer's own special tokens (a BOS
+    where it adds one), as `vllm serve`'s /v1/completions and transformers' `generate` feed it."""
+    ids: list[int] = tokenizer.encode(prompt, add_special_tokens=True)
+    return ids
+
+
+def prompt_ids(tokenizer: Any, chat_template: str | None, request: GenerationRequest) -> list[int]:
+    """The request's prompt as token ids: the raw prompt as it is, else the chat rendered."""
+    if request.prompt is not None:
+        return raw_prompt_ids(tokenizer, request.prompt)
+    return chat_prompt_ids(tokenizer, chat_template, request)
+
+
+def stop_strings(expert_stop: tuple[str, ...], request: GenerationRequest) -> tuple[str, ...]:
+    """The stop strings to apply: the request's, and the expert's own only for chats (an
+    expert's `stop` ends a turn of its chat format, which a raw prompt does not use)."""
+    if request.prompt is not None:
+        return request.params.stop
+    return (*expert_stop, *request.params.stop)
+
+
+def check_room(
+    context_window: int, prompt_tokens: int, max_tokens: int | None, param: str = "messages"
+) -> int:
     """Tokens left for the completion; a prompt (and `max_tokens`) that does not fit is refused."""
     room = context_window - prompt_tokens
     if room <= 0 or (max_tokens is not None and max_tokens > room):
@@ -42,7 +66,7 @@ def check_room(context_window: int, prompt_tokens: int, max_tokens: int | None) 
         raise PromptTooLong(
             f"This model's maximum context length is {context_window} tokens. "
             f"However, you requested {prompt_tokens + asked} tokens "
-            f"({prompt_tokens} in the messages, {asked} in the completion).",
-            param="messages",
+            f"({prompt_tokens} in the {param}, {asked} in the completion).",
+            param=param,
         )
     return room

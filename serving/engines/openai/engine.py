@@ -1,6 +1,7 @@
 """An expert behind any OpenAI-compatible server (`vllm serve`, another Chorus, a hosted API).
 
-Requests stream through `POST {base_url}/chat/completions`. Connection errors and 5xx answers are
+Requests stream through `POST {base_url}/chat/completions`; a raw prompt (the legacy completions
+API) through `POST {base_url}/completions`, as it is. Connection errors and 5xx answers are
 retried with exponential backoff, but only before the first byte of output: after that, a lost
 connection is reported as `ExpertFailed` (an SSE error event for streaming clients), never
 silently restarted; so is an answer that is not what the OpenAI API writes (a line that is not
@@ -31,6 +32,7 @@ from ensemble.types import (
     TopLogprob,
 )
 from serving.config import OpenAIExpertConfig
+from serving.engines.common.prompts import stop_strings
 from serving.engines.openai.http import (
     RETRYABLE,
     Retryable,
@@ -123,9 +125,12 @@ class RemoteOpenAIEngine:
 
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
         params, defaults = request.params, self.config.defaults
-        body: dict[str, Any] = {
-            "model": self.config.model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        body: dict[str, Any] = {"model": self.config.model}
+        if request.prompt is not None:
+            body["prompt"] = request.prompt
+        else:
+            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+        body |= {
             "n": params.n,
             "temperature": params.temperature
             if params.temperature is not None
@@ -137,12 +142,14 @@ class RemoteOpenAIEngine:
         max_tokens = params.max_tokens or defaults.max_tokens
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
-        stop = [*self.config.stop, *params.stop]
+        stop = list(stop_strings(self.config.stop, request))
         if stop:
             body["stop"] = stop
         if params.seed is not None:
             body["seed"] = params.seed
-        if params.logprobs:
+        if params.logprobs and request.prompt is not None:
+            body["logprobs"] = params.top_logprobs  # the legacy API's: how many alternatives
+        elif params.logprobs:
             body["logprobs"] = True
             body["top_logprobs"] = params.top_logprobs
         return body
@@ -151,7 +158,8 @@ class RemoteOpenAIEngine:
         if self._client is None:
             raise ExpertUnavailable(f"expert {self.name} is not started")
         body = self._body(request)
-        url = f"{self.base_url}/chat/completions"
+        legacy = request.prompt is not None
+        url = f"{self.base_url}/completions" if legacy else f"{self.base_url}/chat/completions"
         for attempt in range(self.config.retries + 1):
             received = False
             try:
@@ -160,7 +168,7 @@ class RemoteOpenAIEngine:
                         raise Retryable(f"HTTP {response.status}")
                     if response.status >= 400:
                         raise client_error(self.name, response.status, await response.text())
-                    async for chunk in _chunks(self.name, response):
+                    async for chunk in _chunks(self.name, response, legacy):
                         received = True
                         yield chunk
                 return
@@ -177,9 +185,10 @@ class RemoteOpenAIEngine:
 
 
 async def _chunks(
-    name: str, response: aiohttp.ClientResponse
+    name: str, response: aiohttp.ClientResponse, legacy: bool = False
 ) -> AsyncGenerator[GenerationChunk, None]:
-    """OpenAI SSE chunks as `GenerationChunk`s; usage arrives as one accounting chunk."""
+    """OpenAI SSE chunks (`text_completion` ones when `legacy`) as `GenerationChunk`s; usage
+    arrives as one accounting chunk."""
     done = False
     async for line in response.content:
         if done or not line.startswith(b"data:"):
@@ -193,12 +202,12 @@ async def _chunks(
             done = True
             continue
         with reading(name, "stream event"):
-            chunks = _event_chunks(name, json.loads(data))
+            chunks = _event_chunks(name, json.loads(data), legacy)
         for chunk in chunks:
             yield chunk
 
 
-def _event_chunks(name: str, event: Any) -> list[GenerationChunk]:
+def _event_chunks(name: str, event: Any, legacy: bool = False) -> list[GenerationChunk]:
     """One SSE event's chunks (read within `reading`: a missing or mistyped field raises)."""
     event = field_object(event, "the event")
     if "error" in event:
@@ -208,21 +217,16 @@ def _event_chunks(name: str, event: Any) -> list[GenerationChunk]:
     chunks = []
     for choice in event.get("choices") or []:
         choice = field_object(choice, "a choice")
-        text = field_object(choice.get("delta"), "`delta`").get("content") or ""
+        if legacy:
+            field, text = "text", choice.get("text") or ""
+            logprobs = _legacy_logprobs(field_object(choice.get("logprobs"), "`logprobs`"))
+        else:
+            field, text = "content", field_object(choice.get("delta"), "`delta`").get("content")
+            text = text or ""
+            logprobs = _chat_logprobs(field_object(choice.get("logprobs"), "`logprobs`"))
         if not isinstance(text, str):
-            raise TypeError(f"`content` is a JSON {type(text).__name__}, not text")
+            raise TypeError(f"`{field}` is a JSON {type(text).__name__}, not text")
         finish = choice.get("finish_reason")
-        logprobs = tuple(
-            TokenLogprob(
-                str(item["token"]),
-                float(item["logprob"]),
-                tuple(
-                    TopLogprob(str(t["token"]), float(t["logprob"]))
-                    for t in item.get("top_logprobs") or []
-                ),
-            )
-            for item in field_object(choice.get("logprobs"), "`logprobs`").get("content") or []
-        )
         if text or finish or logprobs:
             reason: FinishReason | None = None
             if finish:  # tool_calls, content_filter: the answer ended all the same
@@ -233,3 +237,34 @@ def _event_chunks(name: str, event: Any) -> list[GenerationChunk]:
         completion, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
         chunks.append(GenerationChunk(name, 0, "", int(completion or 0), int(prompt or 0)))
     return chunks
+
+
+def _chat_logprobs(logprobs: dict[str, Any]) -> tuple[TokenLogprob, ...]:
+    """A chat choice's `logprobs.content` list."""
+    return tuple(
+        TokenLogprob(
+            str(item["token"]),
+            float(item["logprob"]),
+            tuple(
+                TopLogprob(str(t["token"]), float(t["logprob"]))
+                for t in item.get("top_logprobs") or []
+            ),
+        )
+        for item in logprobs.get("content") or []
+    )
+
+
+def _legacy_logprobs(logprobs: dict[str, Any]) -> tuple[TokenLogprob, ...]:
+    """A text completion's parallel lists: `tokens`, `token_logprobs`, `top_logprobs` (one
+    {token: logprob} object per token, or null)."""
+    tokens = logprobs.get("tokens") or []
+    chosen = logprobs.get("token_logprobs") or []
+    tops = logprobs.get("top_logprobs") or [None] * len(tokens)
+    return tuple(
+        TokenLogprob(
+            str(token),
+            float(lp),
+            tuple(TopLogprob(str(t), float(v)) for t, v in field_object(top, "a top").items()),
+        )
+        for token, lp, top in zip(tokens, chosen, tops, strict=True)
+    )

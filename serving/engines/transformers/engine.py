@@ -47,7 +47,12 @@ from ensemble.types import (
     TopLogprob,
 )
 from serving.config import TransformersExpertConfig
-from serving.engines.common.prompts import chat_prompt_ids, check_room, load_chat_template
+from serving.engines.common.prompts import (
+    check_room,
+    load_chat_template,
+    prompt_ids,
+    stop_strings,
+)
 from serving.engines.transformers.batch import PaddedBatch
 from serving.engines.transformers.sampling import logprobs_of, sample
 from serving.engines.transformers.session import TransformersSession
@@ -154,7 +159,7 @@ class TransformersEngine:
             stream.cancelled = True
 
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
-        return chat_prompt_ids(self._tokenizer, self._chat_template, request)
+        return prompt_ids(self._tokenizer, self._chat_template, request)
 
     async def open_session(self, request: GenerationRequest) -> DecodeSession:
         if not self.ready:
@@ -164,20 +169,22 @@ class TransformersEngine:
         return _AsyncSession(self, session)
 
     def _checked_prompt(self, request: GenerationRequest) -> list[int]:
-        prompt_ids = self.encode_prompt(request)
-        self._check_room(len(prompt_ids), request.params.max_tokens)
-        return prompt_ids
+        ids = self.encode_prompt(request)
+        self._check_room(len(ids), request)
+        return ids
 
-    def _check_room(self, prompt_tokens: int, max_tokens: int | None) -> int:
-        return check_room(self._context_window, prompt_tokens, max_tokens)
+    def _check_room(self, prompt_tokens: int, request: GenerationRequest) -> int:
+        return check_room(
+            self._context_window, prompt_tokens, request.params.max_tokens, request.prompt_param
+        )
 
     def _begin(self, request: GenerationRequest, stream: _Stream) -> None:
-        prompt_ids = self.encode_prompt(request)
+        ids = self.encode_prompt(request)
         params = request.params
-        room = self._check_room(len(prompt_ids), params.max_tokens)
+        room = self._check_room(len(ids), request)
         defaults = self.config.defaults
         max_tokens = params.max_tokens or min(defaults.max_tokens or room, room)
-        self._scheduler.submit(_Run(self, request, prompt_ids, max_tokens, stream))
+        self._scheduler.submit(_Run(self, request, ids, max_tokens, stream))
 
 
 class _AsyncSession:
@@ -366,7 +373,7 @@ class _Run:
         self.generator = torch.Generator(device="cpu")
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
         self.generator.manual_seed(seed % (2**63))
-        stops = (*engine.config.stop, *params.stop)
+        stops = stop_strings(engine.config.stop, request)
         decode = partial(self.tokenizer.decode, skip_special_tokens=True)
         self.samples = [SampleText(decode, prompt_ids, stops) for _ in range(params.n)]
         self.counts = [0] * params.n  # tokens generated per sample

@@ -30,7 +30,12 @@ from ensemble.engine import DecodeSession
 from ensemble.errors import ExpertFailed, ExpertUnavailable, RequestRejected
 from ensemble.types import FinishReason, GenerationChunk, GenerationRequest, TokenLogprob
 from serving.config import VllmExpertConfig
-from serving.engines.common.prompts import chat_prompt_ids, check_room, load_chat_template
+from serving.engines.common.prompts import (
+    check_room,
+    load_chat_template,
+    prompt_ids,
+    stop_strings,
+)
 from serving.engines.vllm.logprobs import token_logprobs
 from serving.engines.vllm.session import VllmSession
 from serving.models import bundled
@@ -206,10 +211,12 @@ class VllmEngine:
     # -- prompts -----------------------------------------------------------------------------
 
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
-        return chat_prompt_ids(self._tokenizer, self._chat_template, request)
+        return prompt_ids(self._tokenizer, self._chat_template, request)
 
-    def check_room(self, prompt_tokens: int, max_tokens: int | None) -> int:
-        return check_room(self._context_window, prompt_tokens, max_tokens)
+    def check_room(self, prompt_tokens: int, request: GenerationRequest) -> int:
+        return check_room(
+            self._context_window, prompt_tokens, request.params.max_tokens, request.prompt_param
+        )
 
     def request_id(self, request_id: str) -> str:
         """Unique inside vLLM: one gateway request may reach an expert more than once."""
@@ -239,7 +246,7 @@ class VllmEngine:
             else defaults.temperature,
             top_p=params.top_p if params.top_p is not None else defaults.top_p,
             seed=params.seed,
-            stop=[*self.config.stop, *params.stop],
+            stop=list(stop_strings(self.config.stop, request)),
             logprobs=params.top_logprobs if params.logprobs else None,
             output_kind=RequestOutputKind.DELTA,
         )
@@ -248,15 +255,15 @@ class VllmEngine:
         llm = self._require()
         from vllm.inputs import TokensPrompt
 
-        prompt_ids = self.encode_prompt(request)
-        room = self.check_room(len(prompt_ids), request.params.max_tokens)
+        ids = self.encode_prompt(request)
+        room = self.check_room(len(ids), request)
         sampling = self.sampling_params(request, room)
-        prompt_tokens = len(prompt_ids)
+        prompt_tokens = len(ids)
         n = request.params.n
         unsent_tokens = [0] * n
         unsent_logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         stream = llm.generate(
-            TokensPrompt(prompt_token_ids=prompt_ids), sampling, self.request_id(request.request_id)
+            TokensPrompt(prompt_token_ids=ids), sampling, self.request_id(request.request_id)
         )
         try:
             async for output in _engine_errors(self.name, stream):
@@ -289,9 +296,9 @@ class VllmEngine:
 
     async def open_session(self, request: GenerationRequest) -> DecodeSession:
         self._require()
-        prompt_ids = self.encode_prompt(request)
-        self.check_room(len(prompt_ids), request.params.max_tokens)
-        return VllmSession(self, prompt_ids, request.request_id)
+        ids = self.encode_prompt(request)
+        self.check_room(len(ids), request)
+        return VllmSession(self, ids, request.request_id)
 
 
 async def _shutdown(llm: Any) -> None:
