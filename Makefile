@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install install-vllm models router serve test test-fast lint fmt bench bench-experts soak calibration evaluation clean
+.PHONY: install install-vllm system-packages models router serve test test-fast lint fmt bench bench-experts soak calibration evaluation clean
 
 install: $(VENV)/.installed $(VENV)/.installed-vllm models router
 
@@ -74,8 +74,25 @@ evaluation: install
 serve: install
 	$(BIN)/chorus serve --config $(CONFIG) --host $(HOST) --port $(PORT)
 
+# Debian packages the tests need beyond Python: Prometheus (tests/integration/test_dashboard.py
+# proves the Grafana dashboard's queries against it). Installed only when one is missing; without
+# root, skipped with a message (the tests that need them then skip).
+SYSTEM_PACKAGES := prometheus
+system-packages:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' \
+			|| missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then \
+		echo "system packages present: $(SYSTEM_PACKAGES)"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "system-packages: not root, not installing:$$missing (tests that need them skip)"; \
+	else \
+		apt-get update && apt-get install -y $(SYSTEM_PACKAGES); \
+	fi
+
 # Everything (what CI runs), with the slowest tests listed at the end.
-test: install
+test: install system-packages
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 # The quick loop: pure logic and app-level tests (scripted engines, a real server on loopback),
