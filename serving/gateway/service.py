@@ -39,6 +39,7 @@ from serving.api.responses import (
 )
 from serving.api.validation import ChatRequest
 from serving.gateway.pools import Gateway, Target
+from serving.gateway.tracing import RequestSpans
 
 logger = logging.getLogger(__name__)
 
@@ -146,18 +147,25 @@ class ChatService:
         self.gateway = gateway
         self.metrics = gateway.metrics
 
-    async def start(self, chat: ChatRequest, received: float) -> ChatCall:
-        """Route and start generating; raise `GatewayError` before any byte is sent."""
+    async def start(
+        self, chat: ChatRequest, received: float, spans: RequestSpans | None = None
+    ) -> ChatCall:
+        """Route and start generating; raise `GatewayError` before any byte is sent. With
+        `spans` (a traced request), routing and the strategy are spans of their own."""
         target = self._target(chat)
         route_start = time.perf_counter()
-        decision = await self._route(target, chat)
+        if spans is None:
+            decision = await self._route(target, chat)
+        else:
+            decision = await self._traced_route(target, chat, spans)
         route_ms = (time.perf_counter() - route_start) * 1000
         ready = [e for e in (self.gateway.engines[name] for name in decision.experts) if e.ready]
         if not ready:
             raise ServiceUnavailableError(f"no routed expert of `{target.model_id}` is available")
         trace = EnsembleTrace()
         overhead_ms = (time.perf_counter() - received) * 1000
-        stream = target.strategy.run(chat.generation, ready, trace)
+        experts = ready if spans is None else spans.strategy_started(target.strategy.name, ready)
+        stream = target.strategy.run(chat.generation, experts, trace)
         # Wait for real content before answering, so a failure up to here is a clean HTTP error.
         try:
             first = await anext(stream)
@@ -204,6 +212,18 @@ class ChatService:
             reason = self.gateway.load_errors.get(target.model_id, "no expert of it is available")
             raise ServiceUnavailableError(f"`{target.model_id}` cannot serve now: {reason}")
         return target
+
+    async def _traced_route(
+        self, target: Target, chat: ChatRequest, spans: RequestSpans
+    ) -> RouteDecision:
+        span = spans.route_started(target.model_id)
+        try:
+            decision = await self._route(target, chat)
+        except Exception as exc:
+            spans.route_ended(span, None, exc)
+            raise
+        spans.route_ended(span, decision, None)
+        return decision
 
     async def _route(self, target: Target, chat: ChatRequest) -> RouteDecision:
         started = time.perf_counter()

@@ -33,6 +33,7 @@ async def chat_completions(request: Request) -> Response:
         slots=state.slots,
         timeout_s=state.server.request_timeout_s,
         received=received,
+        spans=state.tracing.request(),
     )
     try:
         chat = validate_chat(await request.body(), state.server, request.headers)
@@ -62,7 +63,7 @@ async def chat_completions(request: Request) -> Response:
 async def _admitted_call(scope: RequestScope, service: ChatService, chat: ChatRequest) -> ChatCall:
     """Wait for a slot, then route and start the answer (up to its first chunk)."""
     await scope.admit()
-    scope.call = await service.start(chat, scope.received)
+    scope.call = await service.start(chat, scope.received, scope.spans)
     return scope.call
 
 
