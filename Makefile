@@ -71,10 +71,11 @@ evaluation: install
 	$(BIN)/chorus eval --config configs/default.yaml --data $(PUBLIC)/test.jsonl \
 		--models $(EVAL_MODELS) --skip $(EVAL_SKIP) --concurrency 4 --out loadtest/eval-public
 
-# System packages the tests need: Chromium and its driver for the playground's browser test
-# (tests/integration/test_playground_browser.py). apt-get runs only when one is missing; without
-# root or apt-get it says what is missing and goes on (that test then skips, naming this target).
-SYSTEM_PACKAGES := chromium chromium-driver
+# Debian packages the tests need beyond Python: Chromium and its driver (the playground's
+# browser test, tests/integration/test_playground_browser.py) and Prometheus (the dashboard's
+# queries, tests/integration/test_dashboard.py). apt-get runs only when one is missing; without
+# root or apt-get it says what is missing and goes on (under CI those tests then fail).
+SYSTEM_PACKAGES := chromium chromium-driver prometheus
 system-packages:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -z "$$missing" ]; then exit 0; fi; \

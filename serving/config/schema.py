@@ -278,8 +278,21 @@ class ServerConfig(_Model):
     """On SIGTERM/SIGINT: how long requests in flight may take to finish before they are cut."""
 
 
+class TracingConfig(_Model):
+    """OpenTelemetry traces, exported over OTLP/HTTP (protobuf). Without this section, tracing
+    is off and no OpenTelemetry SDK is loaded."""
+
+    otlp_endpoint: Annotated[str, Field(pattern=r"^https?://[^/\s]+")]
+    """The collector's full traces URL, e.g. `http://127.0.0.1:4318/v1/traces`."""
+    service_name: Annotated[str, Field(min_length=1)] = "chorus"
+    """The `service.name` resource attribute the traces carry."""
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0
+    """Share of requests traced (decided per request, by trace id)."""
+
+
 class Config(_Model):
     server: ServerConfig = ServerConfig()
+    tracing: TracingConfig | None = None
     experts: Annotated[dict[str, ExpertConfig], Field(min_length=1)]
     router: RouterConfig = RouterConfig()
     pools: dict[str, PoolConfig] = {}

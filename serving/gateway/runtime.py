@@ -5,7 +5,8 @@ not change keep their loaded engine, new or changed ones load, router artifacts 
 Only when all of it loaded does the swap happen; requests already running finish on the gateway
 they started on, whose engines that the new one did not take over are closed once they are done.
 A config that does not validate, or whose new experts fail to load, is refused: the old one
-keeps serving. The `server` section (listen address, keys, limits) applies from the next restart.
+keeps serving. The `server` section (listen address, keys, limits) and `tracing` apply from the
+next restart.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class Runtime:
             old = self.gateway
             if config.server != old.config.server:
                 logger.warning("reload: `server` settings changed; they apply at the next restart")
+            if config.tracing != old.config.tracing:
+                logger.warning("reload: `tracing` settings changed; they apply at the next restart")
             new = Gateway(config, self.metrics, previous=old)
             await new.start()
             if new.load_errors or not new.ready:

@@ -47,6 +47,7 @@ from serving.api.responses import (
 )
 from serving.api.validation import ChatRequest
 from serving.gateway.pools import Gateway, Target
+from serving.gateway.tracing import RequestSpans
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ class ChatService:
         self,
         chat: ChatRequest,
         received: float,
+        spans: RequestSpans | None = None,
         *,
         shape: ResponseShape | None = None,
         prompts: tuple[GenerationRequest, ...] = (),
@@ -169,22 +171,28 @@ class ChatService:
 
         `prompts` are raw prompts (the legacy completions API), answered in turn, `n` choices
         each; `chat.generation` is the first of them. `shape` is the endpoint's (chat's when
-        None)."""
+        None). With `spans` (a traced request), routing and the strategy are spans of their
+        own."""
         target = self._target(chat)
         if prompts:
             _check_raw_prompts(target)
         route_start = time.perf_counter()
-        decision = await self._route(target, chat, _routed_messages(chat, prompts))
+        messages = _routed_messages(chat, prompts)
+        if spans is None:
+            decision = await self._route(target, chat, messages)
+        else:
+            decision = await self._traced_route(target, chat, messages, spans)
         route_ms = (time.perf_counter() - route_start) * 1000
         ready = [e for e in (self.gateway.engines[name] for name in decision.experts) if e.ready]
         if not ready:
             raise ServiceUnavailableError(f"no routed expert of `{target.model_id}` is available")
         trace = EnsembleTrace()
         overhead_ms = (time.perf_counter() - received) * 1000
+        experts = ready if spans is None else spans.strategy_started(target.strategy.name, ready)
         if prompts:
-            stream = each_prompt(target.strategy, prompts, ready, trace)
+            stream = each_prompt(target.strategy, prompts, experts, trace)
         else:
-            stream = target.strategy.run(chat.generation, ready, trace)
+            stream = target.strategy.run(chat.generation, experts, trace)
         shaped: ResponseShape = (
             shape if shape is not None else ChatShape(chat.n, chat.logprobs, chat.pieces)
         )
@@ -237,6 +245,22 @@ class ChatService:
             reason = self.gateway.load_errors.get(target.model_id, "no expert of it is available")
             raise ServiceUnavailableError(f"`{target.model_id}` cannot serve now: {reason}")
         return target
+
+    async def _traced_route(
+        self,
+        target: Target,
+        chat: ChatRequest,
+        messages: tuple[ChatMessage, ...],
+        spans: RequestSpans,
+    ) -> RouteDecision:
+        span = spans.route_started(target.model_id)
+        try:
+            decision = await self._route(target, chat, messages)
+        except Exception as exc:
+            spans.route_ended(span, None, exc)
+            raise
+        spans.route_ended(span, decision, None)
+        return decision
 
     async def _route(
         self, target: Target, chat: ChatRequest, messages: tuple[ChatMessage, ...]

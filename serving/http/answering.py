@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 from serving.api.errors import GatewayError, ServiceUnavailableError
 from serving.config import ServerConfig
 from serving.gateway.service import ChatCall, ChatService
+from serving.gateway.tracing import RequestSpans
 from serving.http.request_scope import CLIENT_GONE, ClientGone, RequestScope
 from serving.http.state import app_state
 
@@ -26,11 +27,12 @@ from serving.http.state import app_state
 @dataclass(frozen=True, slots=True)
 class Answer:
     """A validated request, as the shared flow needs it: the model it names, whether it
-    streams, and how to start it on a service (routing and the wait for the first chunk)."""
+    streams, and how to start it on a service (routing and the wait for the first chunk), its
+    spans where the request is traced."""
 
     model: str
     stream: bool
-    start: Callable[[ChatService, float], Awaitable[ChatCall]]
+    start: Callable[[ChatService, float, RequestSpans | None], Awaitable[ChatCall]]
 
 
 Validate = Callable[[bytes, ServerConfig, Mapping[str, str]], Answer]
@@ -45,6 +47,7 @@ async def answer(request: Request, validate: Validate) -> Response:
         slots=state.slots,
         timeout_s=state.server.request_timeout_s,
         received=received,
+        spans=state.tracing.request(),
     )
     try:
         planned = validate(await request.body(), state.server, request.headers)
@@ -74,7 +77,7 @@ async def answer(request: Request, validate: Validate) -> Response:
 async def _admitted_call(scope: RequestScope, service: ChatService, planned: Answer) -> ChatCall:
     """Wait for a slot, then route and start the answer (up to its first chunk)."""
     await scope.admit()
-    scope.call = await planned.start(service, scope.received)
+    scope.call = await planned.start(service, scope.received, scope.spans)
     return scope.call
 
 

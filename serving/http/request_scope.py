@@ -20,6 +20,7 @@ from serving.api.errors import DeadlineExceededError
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.pools import Gateway
 from serving.gateway.service import ChatCall
+from serving.gateway.tracing import RequestSpans
 from serving.http.admission import ConcurrencyLimit
 
 T = TypeVar("T")
@@ -40,8 +41,10 @@ class RequestScope:
         slots: ConcurrencyLimit | None,
         timeout_s: float | None,
         received: float,
+        spans: RequestSpans | None = None,
     ) -> None:
         self.gateway = gateway
+        self.spans = spans  # None unless the request is traced
         self.metrics: GatewayMetrics = gateway.metrics
         self.pool = "unknown"  # until the body names a model this gateway serves
         self.slots = slots
@@ -55,6 +58,8 @@ class RequestScope:
         """Count the request under the pool (or expert) it asks for, if it exists."""
         if model in self.gateway.targets:
             self.pool = model
+            if self.spans is not None:
+                self.spans.label(model)
 
     async def admit(self) -> None:
         """Take a slot (waiting in the queue if need be) and count the request as in flight."""
@@ -105,6 +110,8 @@ class RequestScope:
                 await self.call.rest.aclose()
         finally:
             self._record(status)
+            if self.spans is not None:
+                self.spans.finish(status, self.call)
             if self._admitted:
                 self.metrics.inflight.dec()
                 self.gateway.inflight -= 1

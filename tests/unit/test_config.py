@@ -46,6 +46,22 @@ def write(tmp_path: Path, text: str) -> Path:
             "share its name",
         ),
         ("experts: {}\n", "experts", "at least 1"),
+        (
+            "experts: {a: {model: bundled:gemma3-270m}}\ntracing: {otlp_endpoint: host:4318}\n",
+            "tracing.otlp_endpoint",
+            "should match pattern",
+        ),
+        (
+            "experts: {a: {model: bundled:gemma3-270m}}\n"
+            "tracing: {otlp_endpoint: 'http://127.0.0.1:4318/v1/traces', sample_ratio: 2}\n",
+            "tracing.sample_ratio",
+            "less than or equal to 1",
+        ),
+        (
+            "experts: {a: {model: bundled:gemma3-270m}}\ntracing: {service_name: chorus}\n",
+            "tracing.otlp_endpoint",
+            "Field required",
+        ),
         ("experts: [oops\n", "<top>", "not valid YAML"),
     ],
 )

@@ -10,6 +10,7 @@ from fastapi.responses import Response
 from serving.api.validation import validate_chat
 from serving.config import ServerConfig
 from serving.gateway.service import ChatCall, ChatService
+from serving.gateway.tracing import RequestSpans
 from serving.http.answering import Answer, answer
 
 router = APIRouter()
@@ -23,7 +24,9 @@ async def chat_completions(request: Request) -> Response:
 def _validate(raw: bytes, limits: ServerConfig, headers: Mapping[str, str]) -> Answer:
     chat = validate_chat(raw, limits, headers)
 
-    def start(service: ChatService, received: float) -> Awaitable[ChatCall]:
-        return service.start(chat, received)
+    def start(
+        service: ChatService, received: float, spans: RequestSpans | None
+    ) -> Awaitable[ChatCall]:
+        return service.start(chat, received, spans)
 
     return Answer(chat.model, chat.stream, start)

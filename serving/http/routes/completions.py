@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from serving.api.completion_validation import validate_completion
 from serving.config import ServerConfig
 from serving.gateway.service import ChatCall, ChatService
+from serving.gateway.tracing import RequestSpans
 from serving.http.answering import Answer, answer
 
 router = APIRouter()
@@ -24,9 +25,11 @@ async def completions(request: Request) -> Response:
 def _validate(raw: bytes, limits: ServerConfig, headers: Mapping[str, str]) -> Answer:
     completion = validate_completion(raw, limits, headers)
 
-    def start(service: ChatService, received: float) -> Awaitable[ChatCall]:
+    def start(
+        service: ChatService, received: float, spans: RequestSpans | None
+    ) -> Awaitable[ChatCall]:
         return service.start(
-            completion.chat, received, shape=completion.shape(), prompts=completion.prompts
+            completion.chat, received, spans, shape=completion.shape(), prompts=completion.prompts
         )
 
     return Answer(completion.chat.model, completion.chat.stream, start)
