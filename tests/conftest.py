@@ -96,6 +96,18 @@ class ServerProcess:
         self.log.close()
 
 
+def require_system_files(*paths: str) -> None:
+    """Skip a test whose system packages are missing (`make system-packages` installs them),
+    except under CI (`CI` set), where `make test` has installed them: there it fails."""
+    missing = [p for p in paths if not Path(p).exists()]
+    if not missing:
+        return
+    reason = f"missing {', '.join(missing)}: `make system-packages` (as root) installs them"
+    if os.environ.get("CI"):
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     """Async tests run on asyncio, what Chorus runs on. anyio's default runs them on every

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from loadtest.servers import free_port
-from tests.conftest import DEFAULT_CONFIG, ROOT, ServerProcess
+from tests.conftest import DEFAULT_CONFIG, ROOT, ServerProcess, require_system_files
 
 pytestmark = pytest.mark.integration
 
@@ -145,8 +145,7 @@ class Prometheus:
 def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     """Prometheus with two rounds of traffic to every pool scraped (two, so that rates and
     quantiles have an increase to work on)."""
-    if not Path(PROMETHEUS).exists():
-        pytest.skip("prometheus is not installed: `make system-packages` (as root) installs it")
+    require_system_files(PROMETHEUS)
     folder = tmp_path_factory.mktemp("dashboard")
     config = dashboard_config(folder)
     server = ServerProcess(config)

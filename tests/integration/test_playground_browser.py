@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, require_system_files
 
 pytestmark = pytest.mark.integration
 
@@ -24,10 +24,7 @@ PROMPT = "Explain in two sentences why the sky is blue."  # both fused experts c
 FUSE_EXPERTS = {"smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct"}
 ANSWER_TIMEOUT_S = 300  # two answers on a loaded 2-core machine
 
-if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-    pytest.skip(
-        f"needs {CHROMIUM} and {CHROMEDRIVER}: `make system-packages`", allow_module_level=True
-    )
+require_system_files(CHROMIUM, CHROMEDRIVER)
 
 from selenium import webdriver  # noqa: E402  (only once the browser is known to be there)
 from selenium.webdriver.chrome.service import Service  # noqa: E402
