@@ -9,13 +9,25 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call an assistant made: its id, the function's name, its arguments (JSON
+    text, as OpenAI sends them)."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant message's calls
+    tool_call_id: str | None = None  # a `tool` message: the call it answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +54,18 @@ class GenerationRequest:
     params: SamplingParams
     answer_format: str | None = None
     """How a vote reads the answer out of a reply (`ensemble.answers`); None: the pool's."""
+    tools: tuple[dict[str, Any], ...] = ()
+    """OpenAI tool objects as sent (`{"type": "function", "function": {...}}`), validated."""
+    tool_choice: str | dict[str, Any] = "auto"
+    """"none", "auto", "required" or `{"type": "function", "function": {"name": ...}}`."""
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    """`json_object` or `json_schema` (validated); None: free text."""
+
+    @property
+    def calls_tools(self) -> bool:
+        """Tool calls are read out of the output (the model may, or must, call a tool)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 @dataclass(frozen=True, slots=True)

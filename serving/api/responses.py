@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ensemble.types import TokenLogprob
+from ensemble.types import TokenLogprob, ToolCall
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,14 +53,35 @@ class Envelope:
 
 
 def message_choice(
-    index: int, text: str, finish: str, logprobs: list[dict[str, Any]] | None
+    index: int,
+    text: str | None,
+    finish: str,
+    logprobs: list[dict[str, Any]] | None,
+    tool_calls: list[ToolCall] | None = None,
 ) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in tool_calls
+        ]
     return {
         "index": index,
-        "message": {"role": "assistant", "content": text},
+        "message": message,
         "logprobs": {"content": logprobs} if logprobs is not None else None,
         "finish_reason": finish,
     }
+
+
+def tool_call_deltas(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """A choice's calls as `delta.tool_calls` fragments, as OpenAI streams them: the id, type
+    and name first, then the arguments; clients join fragments by their `index`."""
+    deltas: list[dict[str, Any]] = []
+    for index, c in enumerate(calls):
+        head = {"index": index, "id": c.id, "type": "function"}
+        deltas.append({"tool_calls": [head | {"function": {"name": c.name, "arguments": ""}}]})
+        deltas.append({"tool_calls": [{"index": index, "function": {"arguments": c.arguments}}]})
+    return deltas
 
 
 def delta_choice(
