@@ -2,10 +2,9 @@
 one matcher per sample that masks its row's logits before sampling.
 
 Each sample (batch row) has its own `GrammarMatcher`: before sampling, the tokens its grammar
-does not allow next are set to -inf in that row only; the chosen token then advances the
-matcher. Once the grammar is complete only end-of-sequence is allowed, so the row ends as any
-row does. JSON is generated compact (`, ` and `: `, no free whitespace): small models otherwise
-loop on whitespace.
+(`serving.engines.common.grammar`) does not allow next are set to -inf in that row only; the
+chosen token then advances the matcher. Once the grammar is complete only end-of-sequence is
+allowed, so the row ends as any row does.
 """
 
 from __future__ import annotations
@@ -20,8 +19,7 @@ import xgrammar as xgr
 
 from ensemble.errors import RequestRejected
 from ensemble.structured import Constraint
-
-_SEPARATORS = (", ", ": ")
+from serving.engines.common.grammar import grammar_of
 
 
 class Grammars:
@@ -47,7 +45,7 @@ class Grammars:
                 self._cache.move_to_end(constraint.key)
                 return self._cache[constraint.key]
         try:
-            compiled = self._compiler.compile_grammar(_grammar(constraint))
+            compiled = self._compiler.compile_grammar(grammar_of(constraint))
         except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar's errors for a bad schema
             param = "tools" if constraint.kind == "tool_call" else "response_format"
             raise RequestRejected(f"the JSON schema cannot be used: {exc}", param=param) from None
@@ -56,24 +54,6 @@ class Grammars:
             while len(self._cache) > self._size:
                 self._cache.popitem(last=False)
         return compiled
-
-
-def _grammar(constraint: Constraint) -> xgr.Grammar:
-    if constraint.kind == "json":  # any object, any keys
-        return xgr.Grammar.from_json_schema(
-            {"type": "object"}, any_whitespace=False, separators=_SEPARATORS, strict_mode=False
-        )
-    body = xgr.Grammar.from_json_schema(
-        constraint.schema or {}, any_whitespace=False, separators=_SEPARATORS
-    )
-    if constraint.kind == "schema":
-        return body
-    return xgr.Grammar.concat(_literal(constraint.prefix), body, _literal(constraint.suffix))
-
-
-def _literal(text: str) -> xgr.Grammar:
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return xgr.Grammar.from_ebnf(f'root ::= "{escaped}"')
 
 
 class RowMasks:
