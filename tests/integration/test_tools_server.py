@@ -143,8 +143,10 @@ def test_a_vote_pool_votes_over_canonical_json(client: openai.OpenAI) -> None:
     )
     assert isinstance(completion.choices[0].message.parsed, Person)
     answers = completion.model_extra["chorus"]["vote"]["answers"]
-    for answer in answers:  # each sample's answer is its JSON value in canonical form
+    assert sum(answers.values()) >= 5  # every sample (5 in the pool) read as JSON, none lost
+    for answer in answers:  # each sample's answer is its whole JSON value in canonical form
         assert answer == json.dumps(json.loads(answer), sort_keys=True, separators=(",", ":"))
+        Person.model_validate_json(answer)  # the object, not a number read out of it
 
 
 @pytest.mark.parametrize(
