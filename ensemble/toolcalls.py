@@ -43,6 +43,11 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
     return (content if content.strip() else None), calls
 
 
+def allowed_calls(calls: list[ToolCall], parallel: bool | None) -> list[ToolCall]:
+    """`parallel_tool_calls: false` keeps the first call only (as vLLM does); otherwise all."""
+    return calls[:1] if parallel is False else calls
+
+
 class ToolCallStream:
     """One sample's text as it streams: content is released as soon as it cannot be the start
     of a call; from the first `<tool_call>` on, text is held until the end, when it is parsed

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ensemble.errors import EngineError
-from ensemble.toolcalls import ToolCallStream, parse_tool_calls
+from ensemble.toolcalls import ToolCallStream, allowed_calls, parse_tool_calls
 from ensemble.types import EnsembleTrace, GenerationChunk, ToolCall
 from router.costs import CostModel
 from router.decision import RouteDecision
@@ -287,6 +287,7 @@ class ChatService:
             calls: list[ToolCall] = []
             if call.chat.generation.calls_tools and text:
                 text, calls = parse_tool_calls(text)
+                calls = allowed_calls(calls, call.chat.generation.parallel_tool_calls)
             reason = finish.get(i, "stop")
             lp = logprobs.get(i, []) if call.chat.logprobs else None
             choices.append(message_choice(i, text, "tool_calls" if calls else reason, lp, calls))
@@ -327,6 +328,7 @@ class ChatService:
                     if chunk.finish_reason is not None:
                         tail, calls = reader.finish()
                         text += tail
+                        calls = allowed_calls(calls, call.chat.generation.parallel_tool_calls)
                     if text or (chunk.logprobs and call.chat.logprobs):
                         piece = replace(chunk, text=text, finish_reason=None)
                         yield sse(envelope.chunk([self._delta(call, piece)]))

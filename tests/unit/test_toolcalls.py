@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ensemble.structured import Constraint, canonical, canonical_reply, constraint_of, needs
-from ensemble.toolcalls import ToolCallStream, parse_tool_calls
+from ensemble.toolcalls import ToolCallStream, allowed_calls, parse_tool_calls
 from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
 from serving.api.errors import InvalidRequestError
 from serving.gateway.capabilities import able
@@ -111,3 +111,9 @@ def test_a_request_goes_only_to_experts_that_honour_what_it_uses() -> None:
     with pytest.raises(InvalidRequestError) as info:
         able("plain", [plain], [plain], request)
     assert info.value.param == "tools"
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
+    _, calls = parse_tool_calls(CALL + CALL.replace("Paris", "Rome"))
+    assert allowed_calls(calls, False) == calls[:1]
+    assert allowed_calls(calls, None) == allowed_calls(calls, True) == calls
