@@ -27,6 +27,8 @@ from ensemble.types import (
 class CascadeStrategy:
     name = "cascade"
     max_n: int | None = 1
+    # Its pieces are chosen across experts: no one expert's grammar masks them (yet).
+    honours: frozenset[str] = frozenset()
 
     def __init__(
         self,

@@ -55,6 +55,8 @@ class _Tally:
 class FusionStrategy:
     name = "fuse"
     max_n: int | None = 1
+    # Its pieces are chosen across experts: no one expert's grammar masks them (yet).
+    honours: frozenset[str] = frozenset()
 
     def __init__(
         self,

@@ -7,6 +7,7 @@ from typing import Protocol
 
 from ensemble.engine import Engine
 from ensemble.errors import ExpertFailed
+from ensemble.structured import STRUCTURED
 from ensemble.types import EnsembleTrace, GenerationChunk, GenerationRequest
 
 
@@ -19,6 +20,7 @@ class Strategy(Protocol):
 
     name: str
     max_n: int | None  # the largest `n` it serves; None: any
+    honours: frozenset[str]  # the structured request fields it serves (`ensemble.structured`)
 
     def run(
         self, request: GenerationRequest, experts: Sequence[Engine], trace: EnsembleTrace
@@ -34,6 +36,7 @@ class SingleStrategy:
 
     name = "single"
     max_n: int | None = None
+    honours = STRUCTURED  # the answering expert's engine constrains and parses
 
     async def run(
         self, request: GenerationRequest, experts: Sequence[Engine], trace: EnsembleTrace

@@ -9,13 +9,25 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call an assistant made: its id, the function's name, its arguments (JSON
+    text, as OpenAI sends them)."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant message's calls
+    tool_call_id: str | None = None  # a `tool` message: the call it answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +59,23 @@ class GenerationRequest:
     """How a vote reads the answer out of a reply (`ensemble.answers`); None: the pool's."""
     prompt: str | None = None
     """A raw prompt (no chat template, no expert `stop`); when set, `messages` is empty."""
+    tools: tuple[dict[str, Any], ...] = ()
+    """OpenAI tool objects as sent (`{"type": "function", "function": {...}}`), validated."""
+    tool_choice: str | dict[str, Any] = "auto"
+    """"none", "auto", "required" or `{"type": "function", "function": {"name": ...}}`."""
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    """`json_object` or `json_schema` (validated); None: free text."""
 
     @property
     def prompt_param(self) -> str:
         """The request field a problem with the prompt names: `prompt` or `messages`."""
         return "messages" if self.prompt is None else "prompt"
+
+    @property
+    def calls_tools(self) -> bool:
+        """Tool calls are read out of the output (the model may, or must, call a tool)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 @dataclass(frozen=True, slots=True)

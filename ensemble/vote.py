@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import cast
 
 from ensemble.answers import AnswerFormat, extract
 from ensemble.engine import Engine
 from ensemble.errors import ExpertFailed
+from ensemble.structured import STRUCTURED, canonical_reply
 from ensemble.types import (
     EnsembleTrace,
     FinishReason,
@@ -91,6 +93,7 @@ class _Poll:
 class VotingStrategy:
     name = "vote"
     max_n: int | None = 1  # one voted answer per request
+    honours = STRUCTURED  # its experts constrain each sample; votes compare canonical JSON
 
     def __init__(
         self,
@@ -116,15 +119,22 @@ class VotingStrategy:
     async def run(
         self, request: GenerationRequest, experts: Sequence[Engine], trace: EnsembleTrace
     ) -> AsyncGenerator[GenerationChunk, None]:
-        fmt = cast(AnswerFormat, request.answer_format or self.answer_format)
+        read = self._reader(request)
         poll = _Poll(experts, self._sampling(request))
-        async with aclosing(self._gather(poll, fmt)) as keepalives:
+        async with aclosing(self._gather(poll, read)) as keepalives:
             async for keepalive in keepalives:
                 yield keepalive
         trace.failed.extend(poll.failed)
-        winner = self._count(poll.runs, trace, fmt)
+        winner = self._count(poll.runs, trace, read)
         for chunk in _reply(poll.runs, winner):
             yield chunk
+
+    def _reader(self, request: GenerationRequest) -> Callable[[str], str | None]:
+        """How a sample's answer is read: a structured reply (tool calls, JSON) by its canonical
+        JSON value, so `{"a": 1}` and `{ "a":1 }` agree; free text by the answer format."""
+        if request.calls_tools or request.response_format is not None:
+            return partial(canonical_reply, calls_tools=request.calls_tools)
+        return partial(extract, fmt=cast(AnswerFormat, request.answer_format or self.answer_format))
 
     def _sampling(self, request: GenerationRequest) -> GenerationRequest:
         params = replace(
@@ -139,7 +149,7 @@ class VotingStrategy:
         return replace(request, params=params)
 
     async def _gather(
-        self, poll: _Poll, fmt: AnswerFormat
+        self, poll: _Poll, read: Callable[[str], str | None]
     ) -> AsyncGenerator[GenerationChunk, None]:
         """The runs the vote needs, into `poll`: the top expert's, and the next one's too when
         the top one agrees with itself less than `escalate_below`. A failed expert is skipped
@@ -164,15 +174,17 @@ class VotingStrategy:
                     if i == len(poll.experts) - 1 and not poll.runs:
                         raise
                     continue
-                if wanted == 1 and top_share(_samples(poll.runs, fmt)) < self.escalate_below:
+                if wanted == 1 and top_share(_samples(poll.runs, read)) < self.escalate_below:
                     wanted = 2  # the top expert disagrees with itself: ask the next one
         finally:
             await poll.cancel()
 
-    def _count(self, runs: list[_Run], trace: EnsembleTrace, fmt: AnswerFormat) -> _Sampled:
+    def _count(
+        self, runs: list[_Run], trace: EnsembleTrace, read: Callable[[str], str | None]
+    ) -> _Sampled:
         """The vote over every run's samples, recorded in `trace`; returns the winning sample."""
         escalated = len(runs) > 1
-        samples = _samples(runs, fmt)
+        samples = _samples(runs, read)
         names = [run.expert for run in runs]
         weights = consistency_weights(samples, names) if escalated else {names[0]: 1.0}
         result = vote(samples, weights)
@@ -235,9 +247,9 @@ def _given(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
-def _samples(runs: list[_Run], fmt: AnswerFormat) -> list[Sample]:
+def _samples(runs: list[_Run], read: Callable[[str], str | None]) -> list[Sample]:
     return [
-        Sample(run.expert, s.text, extract(s.text, fmt), s.mean_logprob())
+        Sample(run.expert, s.text, read(s.text), s.mean_logprob())
         for run in runs
         for s in run.samples
     ]

@@ -221,3 +221,10 @@ def gemma() -> Iterator[TransformersEngine]:
     engine = started("gemma3-270m")
     yield engine
     asyncio.run(engine.aclose())
+
+
+@pytest.fixture(scope="module")
+def qwen() -> Iterator[TransformersEngine]:
+    engine = started("qwen2.5-coder-0.5b-instruct")
+    yield engine
+    asyncio.run(engine.aclose())

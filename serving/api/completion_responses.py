@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ensemble.types import Piece, TokenLogprob
+from ensemble.types import Piece, TokenLogprob, ToolCall
 
 
 @dataclass(slots=True)
@@ -35,13 +35,16 @@ class TextCompletionShape:
     def choice(
         self,
         index: int,
-        text: str,
+        text: str | None,
         finish: str,
         logprobs: tuple[TokenLogprob, ...],
         pieces: tuple[Piece, ...] = (),  # noqa: ARG002 (`chorus_pieces` is chat's extension)
+        tool_calls: tuple[ToolCall, ...] = (),  # noqa: ARG002 (a raw prompt has no tools)
     ) -> dict[str, Any]:
         echoed = self._echoed(index)
-        return text_choice(index, echoed + text, finish, self._logprobs(logprobs, len(echoed)))
+        return text_choice(
+            index, echoed + (text or ""), finish, self._logprobs(logprobs, len(echoed))
+        )
 
     def opening(self, index: int) -> dict[str, Any] | None:
         echoed = self._echoed(index)

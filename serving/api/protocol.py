@@ -25,10 +25,64 @@ class ContentPart(_Lenient):
     text: str | None = None
 
 
+class CalledFunction(_Lenient):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(_Lenient):
+    """A call an assistant message made earlier in the conversation."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class FunctionDef(_Lenient):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Lenient):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Lenient):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("`json_schema` is required with type `json_schema`")
+        return self
+
+
 class Message(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages
 
     def text(self) -> str:
         """The message as plain text; non-text parts are refused by the validator below."""
@@ -70,6 +124,10 @@ class ChatCompletionRequest(_Lenient):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0)] | None = None
     user: str | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
     # Chorus's extensions (the `openai` SDK sends them with `extra_body`).
     quality_weight: Annotated[float, Field(ge=0, le=1)] | None = None
     answer_format: Literal["auto", "number", "choice", "short", "text"] | None = None
@@ -82,6 +140,23 @@ class ChatCompletionRequest(_Lenient):
         if self.stream_options is not None and not self.stream:
             raise ValueError("`stream_options` is only allowed with `stream: true`")
         return self
+
+    def tool_dicts(self) -> tuple[dict[str, Any], ...]:
+        """The tools as plain OpenAI objects (what templates and remote servers read)."""
+        return tuple(t.model_dump(exclude_none=True) for t in self.tools or ())
+
+    def tool_choice_value(self) -> str | dict[str, Any]:
+        """OpenAI's default: `auto` with tools, `none` without."""
+        choice = self.tool_choice
+        if choice is None:
+            return "auto" if self.tools else "none"
+        return choice if isinstance(choice, str) else choice.model_dump(exclude_none=True)
+
+    def response_format_value(self) -> dict[str, Any] | None:
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        return fmt.model_dump(exclude_none=True, by_alias=True)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -8,10 +8,11 @@ opens each streamed choice); `ChatShape` is the chat endpoint's, and
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ensemble.types import Piece, TokenLogprob
+from ensemble.types import Piece, TokenLogprob, ToolCall
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +78,11 @@ class ResponseShape(Protocol):
     def choice(
         self,
         index: int,
-        text: str,
+        text: str | None,
         finish: str,
         logprobs: tuple[TokenLogprob, ...],
         pieces: tuple[Piece, ...],
+        tool_calls: tuple[ToolCall, ...] = (),
     ) -> dict[str, Any]: ...
 
     def opening(self, index: int) -> dict[str, Any] | None:
@@ -110,10 +112,11 @@ class ChatShape:
     def choice(
         self,
         index: int,
-        text: str,
+        text: str | None,
         finish: str,
         logprobs: tuple[TokenLogprob, ...],
         pieces: tuple[Piece, ...],
+        tool_calls: tuple[ToolCall, ...] = (),
     ) -> dict[str, Any]:
         return message_choice(
             index,
@@ -121,6 +124,7 @@ class ChatShape:
             finish,
             logprobs_json(logprobs) if self.logprobs else None,
             pieces_json(pieces) if self.pieces else None,
+            tool_calls,
         )
 
     def opening(self, index: int) -> dict[str, Any] | None:
@@ -142,12 +146,18 @@ class ChatShape:
 
 def message_choice(
     index: int,
-    text: str,
+    text: str | None,
     finish: str,
     logprobs: list[dict[str, Any]] | None,
     pieces: list[dict[str, Any]] | None = None,
+    tool_calls: Sequence[ToolCall] = (),
 ) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in tool_calls
+        ]
     if pieces is not None:
         message["chorus_pieces"] = pieces
     return {
@@ -168,6 +178,17 @@ def pieces_json(pieces: tuple[Piece, ...]) -> list[dict[str, Any]]:
         }
         for p in pieces
     ]
+
+
+def tool_call_deltas(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """A choice's calls as `delta.tool_calls` fragments, as OpenAI streams them: the id, type
+    and name first, then the arguments; clients join fragments by their `index`."""
+    deltas: list[dict[str, Any]] = []
+    for index, c in enumerate(calls):
+        head = {"index": index, "id": c.id, "type": "function"}
+        deltas.append({"tool_calls": [head | {"function": {"name": c.name, "arguments": ""}}]})
+        deltas.append({"tool_calls": [{"index": index, "function": {"arguments": c.arguments}}]})
+    return deltas
 
 
 def delta_choice(

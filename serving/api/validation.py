@@ -16,9 +16,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
+from ensemble.types import ChatMessage, GenerationRequest, SamplingParams, ToolCall
 from serving.api.errors import InvalidRequestError
-from serving.api.protocol import ChatCompletionRequest
+from serving.api.protocol import ChatCompletionRequest, Message
 from serving.config import ServerConfig, key_path
 
 
@@ -99,13 +99,11 @@ def invalid_request(errors: Sequence[Any]) -> InvalidRequestError:
 # request (`metadata`, `store`, `user`, `safety_identifier`, `prompt_cache_key`,
 # `prompt_cache_options`, `prompt_cache_retention`, `service_tier`) and a vendor's extensions are
 # ignored, as vLLM does: they change nothing in the answer (tests/unit/test_field_walk.py).
+# (`tools`, `tool_choice`, `parallel_tool_calls` and `response_format` are honoured: whether the
+# pool and its experts can is the gateway's check, `serving.gateway.capabilities`.)
 NOT_HONOURED: dict[str, tuple[object, ...]] = {
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "parallel_tool_calls": (None,),
-    "response_format": (None, {"type": "text"}),
     "logit_bias": (None, {}),
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
@@ -160,11 +158,46 @@ def _within_limits(body: ChatCompletionRequest, limits: ServerConfig) -> ChatReq
         logprobs=body.logprobs,
         top_logprobs=body.top_logprobs or 0,
     )
-    messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
+    _check_tools(body)
+    messages = tuple(_message(m) for m in body.messages)
     generation = GenerationRequest(
-        f"chatcmpl-{uuid.uuid4().hex}", messages, params, body.answer_format
+        f"chatcmpl-{uuid.uuid4().hex}",
+        messages,
+        params,
+        body.answer_format,
+        tools=body.tool_dicts(),
+        tool_choice=body.tool_choice_value(),
+        parallel_tool_calls=body.parallel_tool_calls,
+        response_format=body.response_format_value(),
     )
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return ChatRequest(
         body.model, generation, body.stream, include_usage, body.quality_weight, body.chorus_pieces
     )
+
+
+def _check_tools(body: ChatCompletionRequest) -> None:
+    """`tool_choice` must name something there is: a tool to require, a tool of that name."""
+    names = [t.function.name for t in body.tools or ()]
+    choice = body.tool_choice
+    if choice is not None and choice != "none" and not names:
+        raise InvalidRequestError(
+            f"`tool_choice` {choice!r} needs `tools`"
+            if isinstance(choice, str)
+            else "`tool_choice` names a function, but there are no `tools`",
+            param="tool_choice",
+        )
+    if choice is not None and not isinstance(choice, str) and choice.function.name not in names:
+        raise InvalidRequestError(
+            f"`tool_choice` names `{choice.function.name}`, which is not one of the `tools`",
+            param="tool_choice",
+        )
+    if len(set(names)) < len(names):
+        raise InvalidRequestError("two `tools` have the same name", param="tools")
+
+
+def _message(message: Message) -> ChatMessage:
+    calls = tuple(
+        ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or ()
+    )
+    return ChatMessage(message.role, message.text(), calls, message.tool_call_id)

@@ -14,11 +14,12 @@ import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ensemble.errors import EngineError
 from ensemble.prompt_list import each_prompt
+from ensemble.toolcalls import ToolCallStream, allowed_calls, parse_tool_calls
 from ensemble.types import (
     ChatMessage,
     EnsembleTrace,
@@ -26,6 +27,7 @@ from ensemble.types import (
     GenerationRequest,
     Piece,
     TokenLogprob,
+    ToolCall,
 )
 from router.costs import CostModel
 from router.decision import RouteDecision
@@ -43,9 +45,12 @@ from serving.api.responses import (
     ChatShape,
     Envelope,
     ResponseShape,
+    delta_choice,
     sse,
+    tool_call_deltas,
 )
 from serving.api.validation import ChatRequest
+from serving.gateway.capabilities import able, check_strategy
 from serving.gateway.pools import Gateway, Target
 from serving.gateway.tracing import RequestSpans
 
@@ -186,6 +191,8 @@ class ChatService:
         ready = [e for e in (self.gateway.engines[name] for name in decision.experts) if e.ready]
         if not ready:
             raise ServiceUnavailableError(f"no routed expert of `{target.model_id}` is available")
+        others = [e for e in (self.gateway.engines[n] for n in target.experts) if e.ready]
+        ready = able(target.model_id, ready, others, chat.generation)
         trace = EnsembleTrace()
         overhead_ms = (time.perf_counter() - received) * 1000
         experts = ready if spans is None else spans.strategy_started(target.strategy.name, ready)
@@ -234,6 +241,7 @@ class ChatService:
                 "out of replies, so it cannot honour `answer_format`",
                 param="answer_format",
             )
+        check_strategy(target.model_id, target.strategy, chat.generation)
         max_n = target.strategy.max_n
         if max_n is not None and chat.n > max_n:
             raise InvalidRequestError(
@@ -342,16 +350,16 @@ class ChatService:
             pieces.setdefault(chunk.index, []).extend(_pieces(chunk))
             if chunk.finish_reason:
                 finish[chunk.index] = chunk.finish_reason
-        choices = [
-            call.shape.choice(
-                i,
-                "".join(texts.get(i, [])),
-                finish.get(i, "stop"),
-                tuple(logprobs.get(i, [])),
-                tuple(pieces.get(i, [])),
-            )
-            for i in range(call.shape.choices)
-        ]
+        choices = []
+        for i in range(call.shape.choices):
+            text: str | None = "".join(texts.get(i, []))
+            calls: list[ToolCall] = []
+            if call.chat.generation.calls_tools and text:
+                text, calls = parse_tool_calls(text)
+                calls = allowed_calls(calls, call.chat.generation.parallel_tool_calls)
+            reason = "tool_calls" if calls else finish.get(i, "stop")
+            lp, pcs = tuple(logprobs.get(i, [])), tuple(pieces.get(i, []))
+            choices.append(call.shape.choice(i, text, reason, lp, pcs, tuple(calls)))
         call.outcome = 200
         return call.envelope.completion(choices, call.usage(), call.chorus())
 
@@ -372,12 +380,35 @@ class ChatService:
             # A choice's finishing chunk carries the `chorus` object, so it waits for the
             # strategy's end: token-level strategies complete their trace as they finish.
             finishing: list[GenerationChunk] = []
+            # With tools, a choice's text goes through a Hermes reader: content streams, a
+            # call is held until its sample ends, then sent as `tool_calls` fragments.
+            readers = (
+                {i: ToolCallStream() for i in range(call.chat.n)}
+                if call.chat.generation.calls_tools
+                else {}
+            )
             async for chunk in self._chunks(call, deadline_s):
                 if chunk.keepalive:
                     yield SSE_KEEPALIVE
                     continue
                 self._count(call, chunk)
-                if chunk.finish_reason is not None:
+                reader = readers.get(chunk.index)
+                if reader is not None:
+                    text = reader.push(chunk.text)
+                    calls: list[ToolCall] = []
+                    if chunk.finish_reason is not None:
+                        tail, calls = reader.finish()
+                        text += tail
+                        calls = allowed_calls(calls, call.chat.generation.parallel_tool_calls)
+                    if text or (chunk.logprobs and call.chat.logprobs):
+                        piece = replace(chunk, text=text, finish_reason=None)
+                        yield sse(envelope.chunk([self._delta(call, piece)]))
+                    for delta in tool_call_deltas(calls):
+                        yield sse(envelope.chunk([delta_choice(chunk.index, delta)]))
+                    if chunk.finish_reason is not None:
+                        reason = "tool_calls" if calls else chunk.finish_reason
+                        finishing.append(replace(chunk, text="", logprobs=(), finish_reason=reason))
+                elif chunk.finish_reason is not None:
                     finishing.append(chunk)
                 elif chunk.text:  # else accounting only: tokens of samples that lost a vote
                     yield sse(envelope.chunk([self._delta(call, chunk)]))

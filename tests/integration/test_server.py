@@ -160,8 +160,8 @@ def test_logprobs(client: openai.OpenAI) -> None:
 
 def test_tools_are_refused_through_the_sdk_not_ignored(client: openai.OpenAI) -> None:
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="auto", messages=QUESTION, tools=[tool])  # type: ignore[list-item]
+    with pytest.raises(openai.BadRequestError) as info:  # SmolLM2's template has no tools
+        client.chat.completions.create(model=SMOLLM2, messages=QUESTION, tools=[tool])  # type: ignore[list-item]
     assert info.value.body["param"] == "tools"  # type: ignore[index]
 
 

@@ -303,3 +303,32 @@ def test_aclose_leaves_no_engine_process(vllm: Harness) -> None:
     while vllm_processes(vllm.processes) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not vllm_processes(vllm.processes), f"orphaned engine processes: {vllm.processes}"
+
+
+def test_structured_outputs_constrain_json_and_forced_tool_calls(vllm: Harness) -> None:
+    """`response_format` and a forced tool call go to vLLM's structured outputs: the JSON
+    matches the schema, and the call is the same Hermes text the transformers engine writes."""
+    import json
+    from dataclasses import replace
+
+    from ensemble.toolcalls import parse_tool_calls
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}, "big": {"type": "boolean"}},
+        "required": ["city", "big"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}
+    req = replace(request(QUESTION, max_tokens=40, temperature=0.0), response_format=fmt)
+    chunks = vllm.collect(req)
+    value = json.loads(texts(chunks)[0])
+    assert chunks[-1].finish_reason == "stop" and set(value) == {"city", "big"}
+    assert vllm.engine.honours == frozenset({"response_format"})  # SmolLM2: no tools template
+
+    tool = {"type": "function", "function": {"name": "capital", "parameters": schema}}
+    forced = replace(req, response_format=None, tools=(tool,), tool_choice="required")
+    forced = replace(forced, params=replace(forced.params, max_tokens=100))
+    content, calls = parse_tool_calls(texts(vllm.collect(forced))[0])
+    assert content is None and [c.name for c in calls] == ["capital"]
+    assert set(json.loads(calls[0].arguments)) == {"city", "big"}

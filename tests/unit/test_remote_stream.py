@@ -150,3 +150,72 @@ def test_an_expert_that_streams_nonsense_before_any_output_falls_back_to_the_nex
     text, trace = asyncio.run(run())
     assert text == "Hi"
     assert trace.failed == ["bad"] and trace.experts == ["good"]
+
+
+def test_tools_and_response_format_pass_through_and_streamed_calls_come_back() -> None:
+    """`tools`, `tool_choice`, `parallel_tool_calls` and `response_format` reach the server
+    untouched (and the conversation's calls and results); its `delta.tool_calls` fragments come
+    back as one Hermes call that the gateway's reader parses."""
+    from dataclasses import replace
+
+    from ensemble.toolcalls import parse_tool_calls
+    from ensemble.types import ToolCall
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    fmt = {"type": "json_object"}
+    fragments = [
+        {"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": ""}},
+        {"index": 0, "function": {"arguments": '{"x": '}},
+        {"index": 0, "function": {"arguments": "1}"}},
+    ]
+    events = [
+        {"choices": [{"index": 0, "delta": {"tool_calls": [f]}, "finish_reason": None}]}
+        for f in fragments
+    ] + [{"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}]
+    seen: list[dict[str, object]] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.method == "GET":
+            return web.json_response({"data": []})
+        seen.append(await request.json())
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events:
+            await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    messages = (
+        ChatMessage("user", "hi"),
+        ChatMessage("assistant", "", (ToolCall("c0", "f", '{"x": 0}'),)),
+        ChatMessage("tool", "42", tool_call_id="c0"),
+    )
+    request = replace(
+        GenerationRequest("r", messages, SamplingParams(max_tokens=4)),
+        tools=(tool,),
+        tool_choice="required",
+        parallel_tool_calls=False,
+        response_format=fmt,
+    )
+
+    async def run() -> str:
+        async with serve(handler) as url:
+            config = OpenAIExpertConfig(engine="openai", base_url=f"{url}/v1", model="m")
+            engine = RemoteOpenAIEngine("up", config)
+            await engine.start()
+            try:
+                return "".join([c.text async for c in engine.generate(request)])
+            finally:
+                await engine.aclose()
+
+    text = asyncio.run(run())
+    body = seen[0]
+    assert body["tools"] == [tool] and body["tool_choice"] == "required"
+    assert body["parallel_tool_calls"] is False and body["response_format"] == fmt
+    assert body["messages"][1]["tool_calls"][0]["function"] == {
+        "name": "f",
+        "arguments": '{"x": 0}',
+    }  # type: ignore[index]
+    assert body["messages"][2]["tool_call_id"] == "c0"  # type: ignore[index]
+    _, calls = parse_tool_calls(text)
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"x": 1})]

@@ -3,12 +3,14 @@ completions prompt) to token ids, pick the stop strings, and check it fits."""
 
 from __future__ import annotations
 
+import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ensemble.errors import PromptTooLong
-from ensemble.types import GenerationRequest
+from ensemble.types import ChatMessage, GenerationRequest
 
 
 def load_chat_template(spec: str | None) -> str | None:
@@ -24,14 +26,49 @@ def load_chat_template(spec: str | None) -> str | None:
 def chat_prompt_ids(
     tokenizer: Any, chat_template: str | None, request: GenerationRequest
 ) -> list[int]:
-    """The request's messages through the chat template (None: the tokenizer's), as token ids."""
-    messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    """The request's messages through the chat template (None: the tokenizer's), as token ids.
+    Tools, assistant tool calls and tool results are the template's to render."""
+    messages = [chat_message(m) for m in request.messages]
     text = tokenizer.apply_chat_template(
-        messages, chat_template=chat_template, add_generation_prompt=True, tokenize=False
+        messages,
+        chat_template=chat_template,
+        tools=list(request.tools) or None,
+        add_generation_prompt=True,
+        tokenize=False,
     )
     # The template already wrote any BOS/special tokens it wants.
     ids: list[int] = tokenizer.encode(text, add_special_tokens=False)
     return ids
+
+
+def chat_message(message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates read it: tool calls' arguments as objects (templates write
+    them with `tojson`), a tool result with the id of its call."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": _arguments(c.arguments)},
+            }
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # the template writes it as it was sent
+
+
+def template_renders_tools(template: str | None) -> bool:
+    """Whether a chat template renders tool definitions (it reads the `tools` variable)."""
+    return template is not None and re.search(r"\btools\b", template) is not None
 
 
 def raw_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:

@@ -38,6 +38,12 @@ class SupervisedEngine:
     def context_window(self) -> int:
         return self.engine.context_window
 
+    @property
+    def honours(self) -> frozenset[str]:
+        """The structured fields the engine honours (`serving.gateway.capabilities`)."""
+        value: frozenset[str] = getattr(self.engine, "honours", frozenset())
+        return value
+
     async def start(self) -> None:
         await self.engine.start()
 

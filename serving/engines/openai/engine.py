@@ -24,7 +24,10 @@ import aiohttp
 
 from ensemble.engine import DecodeSession
 from ensemble.errors import ExpertFailed, ExpertUnavailable
+from ensemble.structured import STRUCTURED
+from ensemble.toolcalls import CALL_CLOSE, CALL_OPEN
 from ensemble.types import (
+    ChatMessage,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
@@ -63,6 +66,9 @@ class RemoteOpenAIEngine:
     @property
     def context_window(self) -> int:
         return self.config.context_window
+
+    # Passed through to the server, which honours them or answers 400 (`client_error`).
+    honours = STRUCTURED
 
     @property
     def vocabulary(self) -> str:
@@ -129,7 +135,7 @@ class RemoteOpenAIEngine:
         if request.prompt is not None:
             body["prompt"] = request.prompt
         else:
-            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+            body["messages"] = [_message(m) for m in request.messages]
         body |= {
             "n": params.n,
             "temperature": params.temperature
@@ -152,6 +158,14 @@ class RemoteOpenAIEngine:
         elif params.logprobs:
             body["logprobs"] = True
             body["top_logprobs"] = params.top_logprobs
+        # Untouched: the server renders tools, constrains and parses as it does.
+        if request.tools:
+            body["tools"] = list(request.tools)
+            body["tool_choice"] = request.tool_choice
+        if request.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = request.parallel_tool_calls
+        if request.response_format is not None:
+            body["response_format"] = request.response_format
         return body
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
@@ -190,6 +204,7 @@ async def _chunks(
     """OpenAI SSE chunks (`text_completion` ones when `legacy`) as `GenerationChunk`s; usage
     arrives as one accounting chunk."""
     done = False
+    calls: dict[int, dict[int, list[str]]] = {}  # per choice, per call: name and arguments
     async for line in response.content:
         if done or not line.startswith(b"data:"):
             continue  # blank separators and keep-alive comments
@@ -202,13 +217,20 @@ async def _chunks(
             done = True
             continue
         with reading(name, "stream event"):
-            chunks = _event_chunks(name, json.loads(data), legacy)
+            chunks = _event_chunks(name, json.loads(data), calls, legacy)
         for chunk in chunks:
             yield chunk
 
 
-def _event_chunks(name: str, event: Any, legacy: bool = False) -> list[GenerationChunk]:
-    """One SSE event's chunks (read within `reading`: a missing or mistyped field raises)."""
+def _event_chunks(
+    name: str, event: Any, calls: dict[int, dict[int, list[str]]], legacy: bool = False
+) -> list[GenerationChunk]:
+    """One SSE event's chunks (read within `reading`: a missing or mistyped field raises);
+    `text_completion` ones when `legacy`.
+
+    The server's `delta.tool_calls` fragments are gathered in `calls`; when the choice ends they
+    become Hermes text (`<tool_call>{...}</tool_call>`), which the gateway reads back into
+    `tool_calls` as it reads every engine's (with ids of its own)."""
     event = field_object(event, "the event")
     if "error" in event:
         error = event["error"]
@@ -217,21 +239,29 @@ def _event_chunks(name: str, event: Any, legacy: bool = False) -> list[Generatio
     chunks = []
     for choice in event.get("choices") or []:
         choice = field_object(choice, "a choice")
+        index = int(choice["index"])
         if legacy:
             field, text = "text", choice.get("text") or ""
             logprobs = _legacy_logprobs(field_object(choice.get("logprobs"), "`logprobs`"))
         else:
-            field, text = "content", field_object(choice.get("delta"), "`delta`").get("content")
-            text = text or ""
+            delta = field_object(choice.get("delta"), "`delta`")
+            field, text = "content", delta.get("content") or ""
             logprobs = _chat_logprobs(field_object(choice.get("logprobs"), "`logprobs`"))
+            for call in delta.get("tool_calls") or []:
+                function = field_object(call.get("function"), "`function`")
+                parts = calls.setdefault(index, {}).setdefault(int(call.get("index", 0)), ["", ""])
+                parts[0] += function.get("name") or ""
+                parts[1] += function.get("arguments") or ""
         if not isinstance(text, str):
             raise TypeError(f"`{field}` is a JSON {type(text).__name__}, not text")
         finish = choice.get("finish_reason")
+        if finish and index in calls:
+            text += "".join(_hermes(n, a) for n, a in calls.pop(index).values())
         if text or finish or logprobs:
             reason: FinishReason | None = None
             if finish:  # tool_calls, content_filter: the answer ended all the same
                 reason = "length" if finish == "length" else "stop"
-            chunks.append(GenerationChunk(name, int(choice["index"]), text, 0, 0, logprobs, reason))
+            chunks.append(GenerationChunk(name, index, text, 0, 0, logprobs, reason))
     usage = field_object(event.get("usage"), "`usage`")
     if usage:
         completion, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
@@ -268,3 +298,21 @@ def _legacy_logprobs(logprobs: dict[str, Any]) -> tuple[TokenLogprob, ...]:
         )
         for token, lp, top in zip(tokens, chosen, tops, strict=True)
     )
+
+
+def _hermes(name: str, arguments: str) -> str:
+    body = f'{{"name": {json.dumps(name)}, "arguments": {arguments or "{}"}}}'
+    return f"{CALL_OPEN}\n{body}\n{CALL_CLOSE}"
+
+
+def _message(message: ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["content"] = message.content or None
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out

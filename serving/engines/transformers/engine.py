@@ -38,6 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ensemble.engine import DecodeSession
 from ensemble.errors import ExpertFailed, ExpertUnavailable
+from ensemble.structured import RESPONSE_FORMAT, TOOLS, constraint_of
 from ensemble.types import (
     FinishReason,
     GenerationChunk,
@@ -52,8 +53,10 @@ from serving.engines.common.prompts import (
     load_chat_template,
     prompt_ids,
     stop_strings,
+    template_renders_tools,
 )
 from serving.engines.transformers.batch import PaddedBatch
+from serving.engines.transformers.grammar import Grammars, RowMasks
 from serving.engines.transformers.sampling import logprobs_of, sample
 from serving.engines.transformers.session import TransformersSession
 from serving.engines.transformers.text import SampleText
@@ -80,6 +83,8 @@ class TransformersEngine:
         self._eos_ids: frozenset[int] = frozenset()
         self._context_window = 0
         self._vocabulary = ""
+        self._grammars: Grammars | None = None
+        self.honours: frozenset[str] = frozenset()  # known once loaded
         self._scheduler = _Scheduler(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -135,6 +140,10 @@ class TransformersEngine:
         )
         vocab = sorted(tokenizer.get_vocab().items())
         self._vocabulary = hashlib.sha1(json.dumps(vocab).encode()).hexdigest()
+        width = int(model.get_output_embeddings().weight.shape[0])  # the logits' width
+        self._grammars = Grammars(tokenizer, width, eos_ids)
+        renders_tools = template_renders_tools(template or tokenizer.chat_template)
+        self.honours = frozenset({RESPONSE_FORMAT, *([TOOLS] if renders_tools else [])})
         self._model = model
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -147,8 +156,14 @@ class TransformersEngine:
         if not self.ready:
             raise ExpertUnavailable(f"expert {self.name} is not loaded yet")
         stream = _Stream(asyncio.get_running_loop())
+        constraint = constraint_of(request)
+        compiled = None
+        if constraint is not None and self._grammars is not None:
+            # Compiling a schema can take a while: not on the event loop, not on the worker.
+            loop = asyncio.get_running_loop()
+            compiled = await loop.run_in_executor(None, self._grammars.compile, constraint)
         try:
-            await self._run(self._begin, request, stream)
+            await self._run(self._begin, request, stream, compiled)
             while (item := await stream.queue.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
@@ -178,13 +193,16 @@ class TransformersEngine:
             self._context_window, prompt_tokens, request.params.max_tokens, request.prompt_param
         )
 
-    def _begin(self, request: GenerationRequest, stream: _Stream) -> None:
+    def _begin(self, request: GenerationRequest, stream: _Stream, compiled: Any = None) -> None:
         ids = self.encode_prompt(request)
         params = request.params
         room = self._check_room(len(ids), request)
         defaults = self.config.defaults
         max_tokens = params.max_tokens or min(defaults.max_tokens or room, room)
-        self._scheduler.submit(_Run(self, request, ids, max_tokens, stream))
+        masks = None
+        if compiled is not None and self._grammars is not None:
+            masks = RowMasks(compiled, params.n, self._grammars.vocab_size)
+        self._scheduler.submit(_Run(self, request, ids, max_tokens, stream, masks))
 
 
 class _AsyncSession:
@@ -354,8 +372,10 @@ class _Run:
         prompt_ids: list[int],
         max_tokens: int,
         stream: _Stream,
+        masks: RowMasks | None = None,
     ) -> None:
         params = request.params
+        self.masks = masks  # constrained decoding: one grammar matcher per sample
         defaults = engine.config.defaults
         self.engine = engine
         self.stream = stream
@@ -386,13 +406,16 @@ class _Run:
 
         Returns the chosen tokens and, per row, whether it goes on.
         """
-        chosen = sample(logits, self.temperature, self.top_p, self.generator)
+        allowed = logits if self.masks is None else self.masks.mask(logits, self.live)
+        chosen = sample(allowed, self.temperature, self.top_p, self.generator)
         if self.want_logprobs:
             chosen_lp, top_ids, top_lp = logprobs_of(logits, chosen, self.top_logprobs)
         chunks: list[GenerationChunk] = []
         alive: list[bool] = []
         for row, index in enumerate(self.live):
             token = int(chosen[row])
+            if self.masks is not None and token not in self.engine._eos_ids:
+                self.masks.accept(index, token)
             self.counts[index] += 1
             self.unsent_tokens[index] += 1
             if self.want_logprobs:

@@ -28,13 +28,16 @@ from typing import Any
 
 from ensemble.engine import DecodeSession
 from ensemble.errors import ExpertFailed, ExpertUnavailable, RequestRejected
+from ensemble.structured import RESPONSE_FORMAT, TOOLS, constraint_of
 from ensemble.types import FinishReason, GenerationChunk, GenerationRequest, TokenLogprob
 from serving.config import VllmExpertConfig
+from serving.engines.common.grammar import grammar_of
 from serving.engines.common.prompts import (
     check_room,
     load_chat_template,
     prompt_ids,
     stop_strings,
+    template_renders_tools,
 )
 from serving.engines.vllm.logprobs import token_logprobs
 from serving.engines.vllm.session import VllmSession
@@ -101,6 +104,7 @@ class VllmEngine:
         self._context_window = 0
         self._vocabulary = ""
         self.max_logprobs = 20
+        self.honours: frozenset[str] = frozenset()  # known once loaded
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -195,6 +199,9 @@ class VllmEngine:
         self.max_logprobs = int(model_config.max_logprobs)
         vocab = sorted(tokenizer.get_vocab().items())
         self._vocabulary = hashlib.sha1(json.dumps(vocab).encode()).hexdigest()
+        # vLLM's structured outputs constrain; tools need a template that renders them.
+        renders_tools = template_renders_tools(template or tokenizer.chat_template)
+        self.honours = frozenset({RESPONSE_FORMAT, *([TOOLS] if renders_tools else [])})
         return llm
 
     async def aclose(self) -> None:
@@ -249,6 +256,7 @@ class VllmEngine:
             stop=list(stop_strings(self.config.stop, request)),
             logprobs=params.top_logprobs if params.logprobs else None,
             output_kind=RequestOutputKind.DELTA,
+            structured_outputs=structured_outputs(request),
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
@@ -299,6 +307,23 @@ class VllmEngine:
         ids = self.encode_prompt(request)
         self.check_room(len(ids), request)
         return VllmSession(self, ids, request.request_id)
+
+
+def structured_outputs(request: GenerationRequest) -> Any:
+    """vLLM's structured outputs for the request's constraint (None: free text). JSON and
+    schemas as vLLM takes them; a forced tool call as the EBNF of the grammar the transformers
+    engine masks with (the Hermes frame around the call's JSON), so both engines emit the
+    same text and the gateway reads calls the same way as vLLM's `hermes` parser does."""
+    constraint = constraint_of(request)
+    if constraint is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if constraint.kind == "json":
+        return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+    if constraint.kind == "schema":
+        return StructuredOutputsParams(json=constraint.schema, disable_any_whitespace=True)
+    return StructuredOutputsParams(grammar=str(grammar_of(constraint)))
 
 
 async def _shutdown(llm: Any) -> None:
