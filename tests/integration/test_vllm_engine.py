@@ -294,17 +294,6 @@ def _running(process: psutil.Process) -> bool:
         return False
 
 
-def test_aclose_leaves_no_engine_process(vllm: Harness) -> None:
-    assert vllm.processes, "vLLM runs its engine core in a child process"
-    assert vllm_processes(vllm.processes), "the engine's processes ran until aclose"
-    vllm.close()
-    assert not vllm.engine.ready
-    deadline = time.monotonic() + 20
-    while vllm_processes(vllm.processes) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not vllm_processes(vllm.processes), f"orphaned engine processes: {vllm.processes}"
-
-
 def test_structured_outputs_constrain_json_and_forced_tool_calls(vllm: Harness) -> None:
     """`response_format` and a forced tool call go to vLLM's structured outputs: the JSON
     matches the schema, and the call is the same Hermes text the transformers engine writes."""
@@ -332,3 +321,15 @@ def test_structured_outputs_constrain_json_and_forced_tool_calls(vllm: Harness) 
     content, calls = parse_tool_calls(texts(vllm.collect(forced))[0])
     assert content is None and [c.name for c in calls] == ["capital"]
     assert set(json.loads(calls[0].arguments)) == {"city", "big"}
+
+
+# Last: it closes the module's engine.
+def test_aclose_leaves_no_engine_process(vllm: Harness) -> None:
+    assert vllm.processes, "vLLM runs its engine core in a child process"
+    assert vllm_processes(vllm.processes), "the engine's processes ran until aclose"
+    vllm.close()
+    assert not vllm.engine.ready
+    deadline = time.monotonic() + 20
+    while vllm_processes(vllm.processes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not vllm_processes(vllm.processes), f"orphaned engine processes: {vllm.processes}"
