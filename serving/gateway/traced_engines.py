@@ -16,6 +16,7 @@ from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
 from ensemble.engine import DecodeSession, Engine, SessionEngine
 from ensemble.types import GenerationChunk, GenerationRequest, NextTokens
+from serving.engines.common.delegating import DelegatingEngine, DelegatingSessionEngine
 
 T = TypeVar("T")
 
@@ -31,28 +32,13 @@ def _failed(span: Span, error: BaseException) -> None:
     span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
 
 
-class TracedEngine:
+class TracedEngine(DelegatingEngine):
     """`engine`, whose calls are children of `parent`; everything else passes through."""
 
     def __init__(self, engine: Engine, tracer: Tracer, parent: Context) -> None:
-        self.engine = engine
-        self.name = engine.name
+        super().__init__(engine)
         self.tracer = tracer
         self.parent = parent
-
-    @property
-    def ready(self) -> bool:
-        return self.engine.ready
-
-    @property
-    def context_window(self) -> int:
-        return self.engine.context_window
-
-    async def start(self) -> None:
-        await self.engine.start()
-
-    async def aclose(self) -> None:
-        await self.engine.aclose()
 
     def _span(self, name: str) -> Span:
         span = self.tracer.start_span(name, context=self.parent)
@@ -79,22 +65,10 @@ class TracedEngine:
             span.end()
 
 
-class TracedSessionEngine(TracedEngine):
+class TracedSessionEngine(TracedEngine, DelegatingSessionEngine):
     """A `SessionEngine` whose decode sessions are spans too."""
 
     engine: SessionEngine
-
-    def __init__(self, engine: SessionEngine, tracer: Tracer, parent: Context) -> None:
-        super().__init__(engine, tracer, parent)
-        self.engine = engine
-
-    @property
-    def vocabulary(self) -> str:
-        return self.engine.vocabulary
-
-    @property
-    def default_stop(self) -> tuple[str, ...]:
-        return self.engine.default_stop
 
     async def open_session(self, request: GenerationRequest) -> DecodeSession:
         span = self._span("chorus.expert.session")

@@ -17,38 +17,18 @@ from typing import TypeVar
 from ensemble.engine import DecodeSession, Engine, SessionEngine
 from ensemble.errors import ExpertTimedOut
 from ensemble.types import GenerationChunk, GenerationRequest, NextTokens
+from serving.engines.common.delegating import DelegatingEngine, DelegatingSessionEngine
 
 T = TypeVar("T")
 
 
-class SupervisedEngine:
+class SupervisedEngine(DelegatingEngine):
     """`engine` with timeouts; everything else passes through."""
 
     def __init__(self, engine: Engine, first_token_timeout_s: float, token_timeout_s: float):
-        self.engine = engine
-        self.name = engine.name
+        super().__init__(engine)
         self.first_token_timeout_s = first_token_timeout_s
         self.token_timeout_s = token_timeout_s
-
-    @property
-    def ready(self) -> bool:
-        return self.engine.ready
-
-    @property
-    def context_window(self) -> int:
-        return self.engine.context_window
-
-    @property
-    def honours(self) -> frozenset[str]:
-        """The structured fields the engine honours (`serving.gateway.capabilities`)."""
-        value: frozenset[str] = getattr(self.engine, "honours", frozenset())
-        return value
-
-    async def start(self) -> None:
-        await self.engine.start()
-
-    async def aclose(self) -> None:
-        await self.engine.aclose()
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         limit = self.first_token_timeout_s
@@ -62,22 +42,10 @@ class SupervisedEngine:
                 yield chunk
 
 
-class SupervisedSessionEngine(SupervisedEngine):
+class SupervisedSessionEngine(SupervisedEngine, DelegatingSessionEngine):
     """A `SessionEngine` with timeouts on its sessions too."""
 
     engine: SessionEngine
-
-    def __init__(self, engine: SessionEngine, first_token_timeout_s: float, token_timeout_s: float):
-        super().__init__(engine, first_token_timeout_s, token_timeout_s)
-        self.engine = engine
-
-    @property
-    def vocabulary(self) -> str:
-        return self.engine.vocabulary
-
-    @property
-    def default_stop(self) -> tuple[str, ...]:
-        return self.engine.default_stop
 
     async def open_session(self, request: GenerationRequest) -> DecodeSession:
         session = await _within(
