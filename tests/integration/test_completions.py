@@ -4,7 +4,6 @@ driven by the official `openai` SDK; Chorus behind Chorus through the `openai` e
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -14,7 +13,6 @@ import pytest
 from ensemble.errors import PromptTooLong
 from ensemble.types import GenerationRequest, SamplingParams
 from tests.conftest import ServerProcess, collect, texts
-from tests.integration.test_remote_engine import relay_config
 from tests.loopback import metric
 
 if TYPE_CHECKING:
@@ -186,18 +184,6 @@ def test_fields_it_cannot_honour_are_refused_on_the_real_server(server: ServerPr
         timeout=60,
     )
     assert chat.status_code == 400 and chat.json()["error"]["param"] == "verbosity"
-
-
-@pytest.fixture(scope="module")
-def relay(
-    server: ServerProcess, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    downstream = ServerProcess(relay_config(tmp_path_factory.mktemp("relay"), server.url))
-    try:
-        downstream.wait_ready(60)
-        yield downstream
-    finally:
-        downstream.stop()
 
 
 def test_chorus_behind_chorus_relays_raw_prompts(

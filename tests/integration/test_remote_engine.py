@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -12,39 +11,11 @@ import openai
 import pytest
 
 from tests.conftest import ServerProcess, free_port
+from tests.integration.conftest import relay_config
 
 pytestmark = pytest.mark.integration
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def relay_config(tmp_path: Path, upstream_url: str, name: str = "relay.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(
-        "experts:\n"
-        "  remote-smollm2:\n"
-        "    engine: openai\n"
-        f"    base_url: {upstream_url}/v1\n"
-        "    model: smollm2-135m-instruct\n"
-        "    health_interval_s: 0.5\n"
-        "    retries: 1\n"
-        "    backoff_s: 0.05\n"
-        "pools:\n"
-        "  relay: {experts: [remote-smollm2]}\n"
-    )
-    return path
-
-
-@pytest.fixture(scope="module")
-def relay(
-    server: ServerProcess, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    downstream = ServerProcess(relay_config(tmp_path_factory.mktemp("relay"), server.url))
-    try:
-        downstream.wait_ready(60)
-        yield downstream
-    finally:
-        downstream.stop()
 
 
 def test_chorus_behind_chorus_gives_the_upstream_answer(
