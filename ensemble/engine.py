@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol, runtime_checkable
 
 from ensemble.types import GenerationChunk, GenerationRequest, NextTokens
@@ -51,6 +51,22 @@ class DecodeSession(Protocol):
     async def extend_ids(self, ids: tuple[int, ...], text: str) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class LookaheadSession(DecodeSession, Protocol):
+    """A decode session that can look ahead, for speculative fusion (`ensemble.fuse`).
+
+    `draft` gives the views along the expert's own greedy path for up to `n` pieces (each view's
+    top candidate taken, until the end of sequence) without moving the session; `prefetch`
+    computes in one pass what the coming `top_k` calls would ask for after `pieces` (text, or
+    the expert's own ids), without moving it either. Both only save work: every later `top_k`
+    answers exactly what it would have answered without them (up to floating-point rounding
+    of a batched pass)."""
+
+    async def draft(self, n: int, k: int) -> list[NextTokens]: ...
+
+    async def prefetch(self, pieces: Sequence[tuple[str, tuple[int, ...]]]) -> None: ...
 
 
 @runtime_checkable

@@ -7,6 +7,15 @@ aligned on text (`ensemble.fusion`), weighted (uniform, static, CoRE consistency
 experts sharing a vocabulary), fused, and one piece is chosen; every expert then continues from
 the same text.
 
+Speculative fusion (after SpecEn, Fu et al. 2025): where the sessions can look ahead
+(`LookaheadSession`), each round the primary drafts up to `draft_tokens` pieces along its own
+greedy path, every other expert computes its views over the drafted text in one forward pass,
+and the steps then run exactly as above, their views read from what was computed ahead, until a
+step chooses other than the draft. The choice of every step is the step-by-step one: a view not
+computed ahead (another tokenization of the text than guessed) is computed as before. The draft
+length follows the acceptance: one more after a round accepted whole, one past the accepted
+steps otherwise.
+
 An expert that fails (or times out) is left out and the others carry on; if it was the primary,
 the next one takes over. The request fails only when every expert has failed.
 """
@@ -45,6 +54,14 @@ class _Tally:
     weight_sums: dict[str, float]  # each expert's weights summed over the fused steps
     fused: int = 0  # steps the experts' views were fused
     gated: int = 0  # steps the primary decided alone while others were live
+    drafted: int = 0  # pieces the primary drafted (speculative rounds)
+    accepted: int = 0  # drafted pieces chosen as drafted
+    rounds: int = 0
+
+    def add_round(self, drafted: int, accepted: int) -> None:
+        self.rounds += 1
+        self.drafted += drafted
+        self.accepted += accepted
 
     def add_fused(self, weights: Mapping[str, float]) -> None:
         self.fused += 1
@@ -67,6 +84,7 @@ class FusionStrategy:
         gate: float | None = None,
         beta: float = 2.0,
         max_tokens: int = 256,
+        draft_tokens: int = 1,
         observer: StepObserver | None = None,
     ) -> None:
         self.weighting = weighting
@@ -75,6 +93,7 @@ class FusionStrategy:
         self.gate = gate
         self.beta = beta
         self.max_tokens = max_tokens
+        self.draft_tokens = draft_tokens  # at most; 1: step by step
         self.observer = observer
 
     async def run(
@@ -85,11 +104,26 @@ class FusionStrategy:
         picker = Picker.of(request.params)
         stepper = await Stepper.open(engines, request, max_tokens, self.observer)
         tally = _Tally(dict.fromkeys((e.name for e in engines), 0.0))
+        length = min(4, self.draft_tokens)
         try:
             while not stepper.finished:
-                chunk = await self._step(stepper, picker, tally)
-                if chunk is not None:
-                    yield chunk
+                draft = await self._draft(stepper, length)
+                planned: list[Candidate | None] = [*draft] or [None]  # None: one plain step
+                primary = stepper.sessions[0]
+                accepted = 0
+                for piece in planned:
+                    chunk, chosen = await self._step(stepper, picker, tally)
+                    if chunk is not None:
+                        yield chunk
+                    if not _same(piece, chosen) or stepper.sessions[0] is not primary:
+                        break
+                    accepted += 1
+                    if stepper.finished:
+                        break
+                if draft:
+                    tally.add_round(len(draft), accepted)
+                    full = accepted == len(draft)
+                    length = min(self.draft_tokens, length + 1 if full else max(2, accepted + 1))
             for chunk in stepper.accounting():
                 yield chunk
         finally:
@@ -108,17 +142,40 @@ class FusionStrategy:
         """Whether views carry whole distributions (`dynamic` weights fuse those)."""
         return self.weighting == "dynamic"
 
+    async def _draft(self, stepper: Stepper, length: int) -> list[Candidate]:
+        """A round's draft: the primary's greedy pieces, and the others' views over them
+        computed ahead, up to the last step the primary will not decide alone. None when the
+        primary decides alone anyway, or cannot draft."""
+        if self.draft_tokens < 2 or len(stepper.sessions) < 2:
+            return []
+        views = await stepper.draft(length, self.candidates)
+        tops = [max(v.candidates, key=lambda c: c.logprob) for v in views]
+        asked = [j for j, top in enumerate(tops) if not self._sure(top)]
+        if asked and asked[-1] > 0:
+            text = "".join(top.text for top in tops[: asked[-1]])
+            others = range(1, len(stepper.sessions))
+            await asyncio.gather(*(stepper.prefetch(i, text) for i in others))
+        return tops
+
     async def _step(
         self, stepper: Stepper, picker: Picker, tally: _Tally
-    ) -> GenerationChunk | None:
+    ) -> tuple[GenerationChunk | None, Candidate | None]:
         """One step: the primary's view; the others' too unless the primary decides alone (it is
-        sure, or the only one left); then the fused choice, or the primary's own."""
+        sure, or the only one left); then the fused choice, or the primary's own. Returns what
+        to stream and the piece chosen (None where the primary failed)."""
         started = time.perf_counter()
-        primary = await stepper.try_view(0, self.candidates, full=self._full)
-        if primary is None:  # it failed and was dropped: the next expert is the primary now
-            return None
-        top = max(primary.candidates, key=lambda c: c.logprob)
-        others = [] if self._alone(stepper, top) else await self._others(stepper)
+        if self.gate is None:  # every step fuses: ask every expert at once
+            asked = await self._ask(stepper, 0)
+            if asked is None:  # the primary failed and was dropped: the next one leads now
+                return None, None
+            primary, others = asked[0], asked[1:]
+            top = max(primary.candidates, key=lambda c: c.logprob)
+        else:
+            view = await stepper.try_view(0, self.candidates, full=self._full)
+            if view is None:
+                return None, None
+            primary, top = view, max(view.candidates, key=lambda c: c.logprob)
+            others = [] if self._alone(stepper, top) else (await self._ask(stepper, 1) or [])
         names = stepper.experts
         views: list[NextTokens | None]
         if others:
@@ -130,7 +187,7 @@ class FusionStrategy:
             chosen, weights, producer = picker.own(primary), sole_weights(names, 0), names[0]
             pool = list(primary.candidates)
             tally.gated += len(names) > 1
-        return stepper.choose(
+        chunk = stepper.choose(
             chosen,
             views,
             producer=producer,
@@ -139,29 +196,35 @@ class FusionStrategy:
             started=started,
             distribution=pool,
         )
+        if not others and not stepper.finished:  # the others catch up while the primary works
+            for i in range(1, len(stepper.sessions)):
+                stepper.warm(i)
+        return chunk, chosen
 
     def _alone(self, stepper: Stepper, top: Candidate) -> bool:
-        """Whether the primary decides alone: it is the only expert left, or its top candidate's
-        probability reaches the gate."""
-        return len(stepper.sessions) == 1 or (
-            self.gate is not None and math.exp(top.logprob) >= self.gate
-        )
+        """Whether the primary decides alone: it is the only expert left, or it is sure."""
+        return len(stepper.sessions) == 1 or self._sure(top)
 
-    async def _others(self, stepper: Stepper) -> list[NextTokens]:
-        """The views of every expert but the primary; those that fail are dropped."""
+    def _sure(self, top: Candidate) -> bool:
+        """Whether the primary's top candidate's probability reaches the gate."""
+        return self.gate is not None and math.exp(top.logprob) >= self.gate
+
+    async def _ask(self, stepper: Stepper, first: int) -> list[NextTokens] | None:
+        """The views of the experts from `first` on, asked at once (each engine works on its
+        own thread); those that fail are dropped. None when the primary was among them."""
+        asked = range(first, len(stepper.sessions))
         results = await asyncio.gather(
-            *(
-                stepper.view(i, self.candidates, full=self._full)
-                for i in range(1, len(stepper.sessions))
-            ),
+            *(stepper.view(i, self.candidates, full=self._full) for i in asked),
             return_exceptions=True,
         )
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, ExpertFailed):
                 raise result
-        errors = {i: r for i, r in enumerate(results, start=1) if isinstance(r, BaseException)}
+        errors = {i: r for i, r in zip(asked, results, strict=True) if isinstance(r, BaseException)}
         if errors:
             await stepper.drop(list(errors), next(iter(errors.values())))
+        if 0 in errors:
+            return None
         return [r for r in results if not isinstance(r, BaseException)]
 
     def _record(
@@ -182,6 +245,7 @@ class FusionStrategy:
             stepper.steps,
             stepper.shares(),
             round(tally.gated / steps, 4) if len(engines) > 1 else 0.0,
+            round(tally.accepted / tally.drafted, 4) if tally.drafted else None,
         )
 
     def _fuse(
@@ -235,3 +299,12 @@ class FusionStrategy:
         credit = [w * math.exp(d[token]) for w, d in zip(weights, dists, strict=True)]
         pool = [replace(c, logprob=math.log(p)) for c, p in zip(options, probs, strict=True)]
         return chosen, weights, names[int(np.argmax(credit))], pool
+
+
+def _same(drafted: Candidate | None, chosen: Candidate | None) -> bool:
+    """Whether a step chose the drafted piece."""
+    return (
+        drafted is not None
+        and chosen is not None
+        and (chosen.text, chosen.end) == (drafted.text, drafted.end)
+    )

@@ -5,14 +5,15 @@ chunks, and a record of every step."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ensemble.engine import DecodeSession, Engine, SessionEngine
+from ensemble.engine import DecodeSession, Engine, LookaheadSession, SessionEngine
 from ensemble.errors import ExpertFailed
 from ensemble.fusion import FloatArray, pick
 from ensemble.text import StopScanner
@@ -110,6 +111,7 @@ class Stepper:
         self.top_logprobs: int | None = None  # report each step's distribution when set
         self._unsent: list[TokenLogprob] = []  # steps whose text a stop string still holds
         self._held: list[Piece] = []  # chosen pieces not yet streamed, who chose them
+        self._warming: dict[str, asyncio.Task[None]] = {}  # catch-ups running, by expert
 
     @classmethod
     async def open(
@@ -165,13 +167,49 @@ class Stepper:
             raise error
 
     async def view(self, i: int, k: int, *, full: bool = False) -> NextTokens:
+        await self._catch_up(i)
+        return await self.sessions[i].top_k(k, full=full)
+
+    async def _catch_up(self, i: int) -> None:
+        """Give session `i` the chosen text it has not seen yet."""
         session = self.sessions[i]
         for text, ids in self._drain(i):
             if ids:
                 await session.extend_ids(ids, text)
             else:
                 await session.extend(text)
-        return await session.top_k(k, full=full)
+
+    async def draft(self, n: int, k: int) -> list[NextTokens]:
+        """The primary's views along its own greedy path, up to `n` pieces (see
+        `LookaheadSession.draft`); none when it cannot look ahead or fails (the step that
+        follows asks it again, and leaves it out if it fails again)."""
+        session = self.sessions[0]
+        if not isinstance(session, LookaheadSession):
+            return []
+        try:
+            await self._catch_up(0)
+            return await session.draft(n, k)
+        except ExpertFailed:
+            return []
+
+    async def prefetch(self, i: int, text: str) -> None:
+        """Let session `i` compute ahead what it will be asked after the text chosen so far and
+        `text` (see `LookaheadSession.prefetch`); a failure shows at its next view."""
+        session = self.sessions[i]
+        if isinstance(session, LookaheadSession):
+            await _quietly(session.prefetch([*self._merged(self._pending[i]), (text, ())]))
+
+    def warm(self, i: int) -> None:
+        """Let session `i` catch up with the chosen text in the background, on its engine's own
+        thread, while the primary works on the next steps: when it is next asked, its view is
+        ready. One catch-up at a time per session; a failure shows at its next view."""
+        session = self.sessions[i]
+        running = self._warming.get(session.expert)
+        if not isinstance(session, LookaheadSession) or (running and not running.done()):
+            return
+        pieces = self._merged(self._pending[i])
+        if pieces:
+            self._warming[session.expert] = asyncio.create_task(_quietly(session.prefetch(pieces)))
 
     async def try_view(self, i: int, k: int, *, full: bool = False) -> NextTokens | None:
         """The view of session `i`, or None when its expert failed: it is dropped (see `drop`)."""
@@ -183,13 +221,20 @@ class Stepper:
 
     def _drain(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
         """Pending pieces, consecutive plain-text ones merged into one `extend`."""
+        merged = self._merged(self._pending[i])
+        self._pending[i] = []
+        return merged
+
+    @staticmethod
+    def _merged(
+        pieces: Sequence[tuple[str, tuple[int, ...]]],
+    ) -> list[tuple[str, tuple[int, ...]]]:
         merged: list[tuple[str, tuple[int, ...]]] = []
-        for text, ids in self._pending[i]:
+        for text, ids in pieces:
             if merged and not ids and not merged[-1][1]:
                 merged[-1] = (merged[-1][0] + text, ())
             else:
                 merged.append((text, ids))
-        self._pending[i] = []
         return merged
 
     def choose(
@@ -288,4 +333,13 @@ class Stepper:
         return [GenerationChunk(s.expert, 0, "", 0, s.prompt_tokens) for s in others]
 
     async def aclose(self) -> None:
+        for task in self._warming.values():
+            task.cancel()
+        await asyncio.gather(*self._warming.values(), return_exceptions=True)
         await asyncio.gather(*(s.aclose() for s in self.sessions))
+
+
+async def _quietly(work: Awaitable[None]) -> None:
+    """Work done ahead: an expert's failure there shows when it is next asked."""
+    with contextlib.suppress(ExpertFailed):
+        await work

@@ -141,12 +141,14 @@ class VoteSummary:
 @dataclass(frozen=True, slots=True)
 class FusionSummary:
     """How a fusion went: its weighting, steps taken, each expert's share of the chosen pieces,
-    and the share of steps the primary decided alone."""
+    the share of steps the primary decided alone, and the share of the primary's drafted pieces
+    that were chosen as drafted (None without speculative rounds)."""
 
     weighting: str
     steps: int
     share: dict[str, float]
     gate_skip_rate: float
+    draft_acceptance: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

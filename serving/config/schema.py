@@ -189,6 +189,8 @@ class FuseStrategyConfig(_Model):
     """Sharpness of CoRE's token-level filter (`core` weighting)."""
     max_tokens: Annotated[int, Field(ge=1)] = 256
     """Where the request leaves it out."""
+    draft_tokens: Annotated[int, Field(ge=1, le=32)] = 1
+    """Speculative fusion: the most pieces the primary drafts per round; 1: step by step."""
 
 
 class CascadeStrategyConfig(_Model):

@@ -7,14 +7,14 @@ engines directly."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from contextlib import aclosing
 from typing import TypeVar
 
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
-from ensemble.engine import DecodeSession, Engine, SessionEngine
+from ensemble.engine import DecodeSession, Engine, LookaheadSession, SessionEngine
 from ensemble.types import GenerationChunk, GenerationRequest, NextTokens
 from serving.engines.common.delegating import DelegatingEngine, DelegatingSessionEngine
 
@@ -79,6 +79,8 @@ class TracedSessionEngine(TracedEngine, DelegatingSessionEngine):
             span.end()
             raise
         span.set_attribute("gen_ai.usage.input_tokens", session.prompt_tokens)
+        if isinstance(session, LookaheadSession):
+            return _TracedLookahead(session, span)
         return _TracedSession(session, span)
 
 
@@ -124,3 +126,14 @@ class _TracedSession:
                     {"chorus.session.views": self.views, "chorus.session.extends": self.extends}
                 )
                 self.span.end()
+
+
+class _TracedLookahead(_TracedSession):
+    session: LookaheadSession
+
+    async def draft(self, n: int, k: int) -> list[NextTokens]:
+        self.views += 1
+        return await self._guard(self.session.draft(n, k))
+
+    async def prefetch(self, pieces: Sequence[tuple[str, tuple[int, ...]]]) -> None:
+        await self._guard(self.session.prefetch(pieces))

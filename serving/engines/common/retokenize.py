@@ -46,6 +46,14 @@ class AnswerTokens:
         self.text = ""  # the answer's text, all of it
         self._tokenized = 0  # `text[:_tokenized]` is what the answer's ids spell
 
+    def snapshot(self) -> tuple[list[int], Starts, str, int]:
+        """The state to `restore` after looking ahead (a draft, a look-ahead's guess)."""
+        return list(self.ids), list(self.starts), self.text, self._tokenized
+
+    def restore(self, state: tuple[list[int], Starts, str, int]) -> None:
+        ids, starts, self.text, self._tokenized = state
+        self.ids, self.starts = list(ids), list(starts)
+
     @property
     def pending(self) -> bool:
         """Text was appended that is not tokenized yet."""

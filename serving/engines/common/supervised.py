@@ -10,11 +10,11 @@ the next token may take `first_token_timeout_s` (prefill), every later call `tok
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from contextlib import aclosing
 from typing import TypeVar
 
-from ensemble.engine import DecodeSession, Engine, SessionEngine
+from ensemble.engine import DecodeSession, Engine, LookaheadSession, SessionEngine
 from ensemble.errors import ExpertTimedOut
 from ensemble.types import GenerationChunk, GenerationRequest, NextTokens
 from serving.engines.common.delegating import DelegatingEngine, DelegatingSessionEngine
@@ -51,6 +51,8 @@ class SupervisedSessionEngine(SupervisedEngine, DelegatingSessionEngine):
         session = await _within(
             self.engine.open_session(request), self.first_token_timeout_s, self.name, "a session"
         )
+        if isinstance(session, LookaheadSession):
+            return _SupervisedLookahead(session, self)
         return _SupervisedSession(session, self)
 
 
@@ -78,6 +80,21 @@ class _SupervisedSession:
 
     async def aclose(self) -> None:
         await self.session.aclose()
+
+
+class _SupervisedLookahead(_SupervisedSession):
+    session: LookaheadSession
+
+    async def draft(self, n: int, k: int) -> list[NextTokens]:
+        # n steps of the model: n times the limit of one.
+        result = await _within(
+            self.session.draft(n, k), self._limit * n, self.expert, "draft of its next tokens"
+        )
+        self._limit = self._owner.token_timeout_s
+        return result
+
+    async def prefetch(self, pieces: Sequence[tuple[str, tuple[int, ...]]]) -> None:
+        await self._call(self.session.prefetch(pieces))
 
 
 async def _within(work: Awaitable[T], seconds: float, expert: str, what: str) -> T:

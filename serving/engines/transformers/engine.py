@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
@@ -150,6 +150,12 @@ class TransformersEngine:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, partial(fn, *args))
 
+    async def _run_session(self, fn: Callable[..., T], *args: Any) -> T:
+        """A decode session's job, on one CPU thread: one sequence's step is bound by memory,
+        not arithmetic, so a second thread gains it nothing, and the fused experts' steps can
+        then run at once on different cores without contending (loadtest/RESULTS.md)."""
+        return await self._run(_single_threaded, partial(fn, *args))
+
     # -- generation --------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
@@ -205,6 +211,15 @@ class TransformersEngine:
         self._scheduler.submit(_Run(self, request, ids, max_tokens, stream, masks))
 
 
+def _single_threaded(work: Callable[[], T]) -> T:
+    threads = torch.get_num_threads()  # per thread: the scheduler's ticks keep theirs
+    torch.set_num_threads(1)
+    try:
+        return work()
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _AsyncSession:
     """The event-loop side of a `TransformersSession`: every call is a job on the worker."""
 
@@ -215,13 +230,21 @@ class _AsyncSession:
         self._session = session
 
     async def top_k(self, k: int, *, full: bool = False) -> NextTokens:
-        return await self._engine._run(self._session.top_k, k, full)
+        return await self._engine._run_session(self._session.top_k, k, full)
 
     async def extend(self, text: str) -> None:
-        await self._engine._run(self._session.extend, text)
+        await self._engine._run_session(self._session.extend, text)
 
     async def extend_ids(self, ids: tuple[int, ...], text: str) -> None:
-        await self._engine._run(self._session.extend_ids, list(ids), text)
+        await self._engine._run_session(self._session.extend_ids, list(ids), text)
+
+    async def draft(self, n: int, k: int) -> list[NextTokens]:
+        return await self._engine._run_session(self._session.draft, n, k)
+
+    async def prefetch(self, pieces: Sequence[tuple[str, tuple[int, ...]]]) -> None:
+        await self._engine._run_session(
+            self._session.prefetch, [(t, list(ids)) for t, ids in pieces]
+        )
 
     async def aclose(self) -> None:
         with contextlib.suppress(RuntimeError):  # the engine was shut down meanwhile

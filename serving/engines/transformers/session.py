@@ -36,7 +36,9 @@ class TransformersSession:
         self.prompt_len = len(prompt_ids)
         self.cache: Any = None
         self.cached: list[int] = []  # ids whose keys and values are in the cache
-        self.logits: torch.Tensor | None = None  # next-token logits after `cached`
+        # Next-token logits after `cached[:n]`, by n: the last position's, and those a draft or
+        # a look-ahead computed ahead of the chosen text (`draft`, `prefetch`).
+        self.ahead: dict[int, torch.Tensor] = {}
         self.recrops = 0  # times the tokenization changed under the cache (for diagnostics)
 
     @property
@@ -56,6 +58,50 @@ class TransformersSession:
 
     # -- candidates out ----------------------------------------------------------------------
 
+    # -- looking ahead (speculative fusion) ------------------------------------------------
+
+    @torch.inference_mode()
+    def draft(self, n: int, k: int) -> list[NextTokens]:
+        """The views along this model's own greedy path for up to `n` pieces from the current
+        text, the path's logits kept for later `top_k` calls, the text left as it was. The path
+        takes each view's top candidate, as a lone expert's greedy step does, and ends at the
+        end of sequence."""
+        saved = self.answer.snapshot()
+        views: list[NextTokens] = []
+        try:
+            while len(views) < n:
+                view = self.top_k(k)
+                views.append(view)
+                top = max(view.candidates, key=lambda c: c.logprob)
+                if top.end:
+                    break
+                self.answer.add_ids(top.token_ids, top.text)
+        finally:
+            self.answer.restore(saved)
+        return views
+
+    @torch.inference_mode()
+    def prefetch(self, pieces: list[tuple[str, list[int]]]) -> None:
+        """Compute, in one forward pass, the logits the coming `top_k` calls would ask for if
+        `pieces` (text, or this model's own ids) are appended: the guess is the tail tokenized as
+        `extend` and `extend_ids` would. Nothing changes what the session answers: a later
+        `top_k` whose tokens are not a prefix of the guess runs the model as before."""
+        saved = self.answer.snapshot()
+        try:
+            for text, ids in pieces:
+                if ids:
+                    self.answer.add_ids(ids, text)
+                else:
+                    self.answer.extend(text, self._tokenize)
+            guess = list(self.ids)
+        finally:
+            self.answer.restore(saved)
+        common = self._common(guess)
+        if common < len(self.cached):
+            self._crop_to(common)
+        if len(guess) > len(self.cached):
+            self._feed(guess[len(self.cached) :], keep_all=True)
+
     @torch.inference_mode()
     def top_k(self, k: int, full: bool = False) -> NextTokens:
         """The `k` most likely next pieces of text, renormalised over what is kept (the rules of
@@ -71,14 +117,16 @@ class TransformersSession:
 
     def _complete_character(self, token: int, lp: float) -> candidates.Completion | None:
         """Follow the model greedily from a partial-character token until the bytes decode."""
-        base = len(self.cached)
-        saved = self.logits
+        base = len(self.ids)
+        self._crop_to(base)  # a look-ahead may have run further
+        saved = self.ahead.get(base)
         try:
             with closing(self._greedy_path(token, lp)) as path:
                 return candidates.complete_character(path, self.pieces.decode)
         finally:
             self._crop_to(base)
-            self.logits = saved
+            if saved is not None:
+                self.ahead[base] = saved
 
     def _greedy_path(self, token: int, lp: float) -> Generator[tuple[int, float], None, None]:
         """`token`, then the model's greedy tokens after it, fed as they are read."""
@@ -90,51 +138,66 @@ class TransformersSession:
 
     # -- the cache follows the ids -----------------------------------------------------------
 
-    def _sync(self) -> torch.Tensor:
-        """Bring the cache up to `ids`; return the logits for the next token."""
+    def _common(self, ids: list[int]) -> int:
+        """How many of `ids` the cache holds, from the start."""
         common = 0
-        for a, b in zip(self.cached, self.ids, strict=False):
+        for a, b in zip(self.cached, ids, strict=False):
             if a != b:
                 break
             common += 1
-        if common < len(self.cached):
-            self.recrops += 1
-            self._crop_to(common)
-        if len(self.cached) == len(self.ids):
-            if self.logits is not None:
-                return self.logits
-            self._crop_to(len(self.ids) - 1)  # recompute the last position's logits
-        return self._feed(self.ids[len(self.cached) :])
+        return common
 
-    def _feed(self, ids: list[int]) -> torch.Tensor:
+    def _sync(self) -> torch.Tensor:
+        """Bring the cache up to `ids`; return the logits for the next token (computed ahead
+        where a draft or a look-ahead went this way)."""
+        ids = self.ids
+        common = self._common(ids)
+        if common < len(ids) or common not in self.ahead:
+            if common < len(self.cached):
+                self.recrops += common < len(ids)  # the tokens changed, not a look-ahead unused
+                self._crop_to(common)
+            if len(self.cached) == len(ids):
+                self._crop_to(len(ids) - 1)  # recompute the last position's logits
+            self._feed(ids[len(self.cached) :])
+        for passed in [n for n in self.ahead if n < len(ids)]:  # the text only grows
+            del self.ahead[passed]
+        return self.ahead[len(ids)]
+
+    def _feed(self, ids: list[int], *, keep_all: bool = False) -> torch.Tensor:
+        """Run `ids` after the cache; keep the logits after the last one (after each, with
+        `keep_all`) and return the last."""
         out = self.model(
             input_ids=torch.tensor([ids], device=self.model.device),
             past_key_values=self.cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=len(ids) if keep_all else 1,
         )
         self.cache = out.past_key_values
         self.cached += ids
-        logits: torch.Tensor = out.logits[0, -1, :]
-        self.logits = logits
+        rows = out.logits[0]
+        first = len(self.cached) - rows.shape[0] + 1  # the prefix length of the first row
+        for offset in range(rows.shape[0]):
+            self.ahead[first + offset] = rows[offset]
+        logits: torch.Tensor = rows[-1]
         return logits
 
     def _crop_to(self, length: int) -> None:
         remove = len(self.cached) - length
         if remove <= 0:
             return
+        self.ahead = {n: row for n, row in self.ahead.items() if n <= length}
         try:
             self.cache.crop(-remove)
         except (RuntimeError, ValueError):  # a layer that cannot roll back: start over
+            kept = self.cached[:length]
             self.cache = None
             self.cached = []
-            self.logits = None
+            self.ahead = {}
             if length:
-                self._feed(self.ids[:length])
+                self._feed(kept)
             return
         self.cached = self.cached[:length]
-        self.logits = None
 
     def close(self) -> None:
         self.cache = None
-        self.logits = None
+        self.ahead = {}
