@@ -17,13 +17,13 @@ import math
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
-from functools import partial
 from typing import cast
 
 from ensemble.answers import AnswerFormat, extract
 from ensemble.engine import Engine
 from ensemble.errors import ExpertFailed
 from ensemble.structured import STRUCTURED, canonical_reply
+from ensemble.toolcalls import tool_reader
 from ensemble.types import (
     EnsembleTrace,
     FinishReason,
@@ -32,6 +32,9 @@ from ensemble.types import (
     VoteSummary,
 )
 from ensemble.voting import Sample, consistency_weights, top_share, vote
+
+# How a sample's answer is read: from its expert's name and its text.
+_Read = Callable[[str, str], str | None]
 
 
 @dataclass(slots=True)
@@ -119,7 +122,7 @@ class VotingStrategy:
     async def run(
         self, request: GenerationRequest, experts: Sequence[Engine], trace: EnsembleTrace
     ) -> AsyncGenerator[GenerationChunk, None]:
-        read = self._reader(request)
+        read = self._reader(request, experts)
         poll = _Poll(experts, self._sampling(request))
         async with aclosing(self._gather(poll, read)) as keepalives:
             async for keepalive in keepalives:
@@ -129,12 +132,19 @@ class VotingStrategy:
         for chunk in _reply(poll.runs, winner):
             yield chunk
 
-    def _reader(self, request: GenerationRequest) -> Callable[[str], str | None]:
-        """How a sample's answer is read: a structured reply (tool calls, JSON) by its canonical
-        JSON value, so `{"a": 1}` and `{ "a":1 }` agree; free text by the answer format."""
-        if request.calls_tools or request.response_format is not None:
-            return partial(canonical_reply, calls_tools=request.calls_tools)
-        return partial(extract, fmt=cast(AnswerFormat, request.answer_format or self.answer_format))
+    def _reader(self, request: GenerationRequest, experts: Sequence[Engine]) -> _Read:
+        """How a sample's answer is read (given its expert and text): a structured reply (tool
+        calls, as its expert's engine reads them; JSON) by its canonical JSON value, so
+        `{"a": 1}` and `{ "a":1 }` agree; free text by the answer format."""
+        if request.calls_tools:
+            engines = {e.name: e for e in experts}
+            return lambda expert, text: canonical_reply(
+                text, tool_reader(engines.get(expert), request)
+            )
+        if request.response_format is not None:
+            return lambda _, text: canonical_reply(text, None)
+        fmt = cast(AnswerFormat, request.answer_format or self.answer_format)
+        return lambda _, text: extract(text, fmt)
 
     def _sampling(self, request: GenerationRequest) -> GenerationRequest:
         params = replace(
@@ -148,9 +158,7 @@ class VotingStrategy:
         )
         return replace(request, params=params)
 
-    async def _gather(
-        self, poll: _Poll, read: Callable[[str], str | None]
-    ) -> AsyncGenerator[GenerationChunk, None]:
+    async def _gather(self, poll: _Poll, read: _Read) -> AsyncGenerator[GenerationChunk, None]:
         """The runs the vote needs, into `poll`: the top expert's, and the next one's too when
         the top one agrees with itself less than `escalate_below`. A failed expert is skipped
         and the next takes its place. Streams keep-alive chunks while experts sample."""
@@ -179,9 +187,7 @@ class VotingStrategy:
         finally:
             await poll.cancel()
 
-    def _count(
-        self, runs: list[_Run], trace: EnsembleTrace, read: Callable[[str], str | None]
-    ) -> _Sampled:
+    def _count(self, runs: list[_Run], trace: EnsembleTrace, read: _Read) -> _Sampled:
         """The vote over every run's samples, recorded in `trace`; returns the winning sample."""
         escalated = len(runs) > 1
         samples = _samples(runs, read)
@@ -247,9 +253,9 @@ def _given(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
-def _samples(runs: list[_Run], read: Callable[[str], str | None]) -> list[Sample]:
+def _samples(runs: list[_Run], read: _Read) -> list[Sample]:
     return [
-        Sample(run.expert, s.text, read(s.text), s.mean_logprob())
+        Sample(run.expert, s.text, read(run.expert, s.text), s.mean_logprob())
         for run in runs
         for s in run.samples
     ]

@@ -19,7 +19,13 @@ from typing import Any
 
 from ensemble.errors import EngineError
 from ensemble.prompt_list import each_prompt
-from ensemble.toolcalls import ToolCallStream, allowed_calls, parse_tool_calls
+from ensemble.toolcalls import (
+    CallStream,
+    ToolCallReader,
+    allowed_calls,
+    allowed_deltas,
+    tool_reader,
+)
 from ensemble.types import (
     ChatMessage,
     EnsembleTrace,
@@ -341,11 +347,14 @@ class ChatService:
         logprobs: dict[int, list[TokenLogprob]] = {}
         pieces: dict[int, list[Piece]] = {}
         finish: dict[int, str] = {}
+        experts: dict[int, str] = {}  # who wrote each choice (a vote's winner, not its losers)
         async for chunk in self._chunks(call):
             if chunk.keepalive:
                 continue
             self._count(call, chunk)
             texts.setdefault(chunk.index, []).append(chunk.text)
+            if chunk.text:
+                experts.setdefault(chunk.index, chunk.expert)
             logprobs.setdefault(chunk.index, []).extend(chunk.logprobs)
             pieces.setdefault(chunk.index, []).extend(_pieces(chunk))
             if chunk.finish_reason:
@@ -355,7 +364,7 @@ class ChatService:
             text: str | None = "".join(texts.get(i, []))
             calls: list[ToolCall] = []
             if call.chat.generation.calls_tools and text:
-                text, calls = parse_tool_calls(text)
+                text, calls = self._tool_reader(call, experts[i]).parse(text)
                 calls = allowed_calls(calls, call.chat.generation.parallel_tool_calls)
             reason = "tool_calls" if calls else finish.get(i, "stop")
             lp, pcs = tuple(logprobs.get(i, [])), tuple(pieces.get(i, []))
@@ -380,33 +389,36 @@ class ChatService:
             # A choice's finishing chunk carries the `chorus` object, so it waits for the
             # strategy's end: token-level strategies complete their trace as they finish.
             finishing: list[GenerationChunk] = []
-            # With tools, a choice's text goes through a Hermes reader: content streams, a
-            # call is held until its sample ends, then sent as `tool_calls` fragments.
-            readers = (
-                {i: ToolCallStream() for i in range(call.chat.n)}
-                if call.chat.generation.calls_tools
-                else {}
-            )
+            # With tools, a choice's text goes through its expert's tool-call reader
+            # (`ensemble.toolcalls`): content streams, calls go out as `tool_calls` fragments.
+            readers: dict[int, CallStream] = {}
+            called: set[int] = set()  # the choices that made a call
+            parallel = call.chat.generation.parallel_tool_calls
             async for chunk in self._chunks(call, deadline_s):
                 if chunk.keepalive:
                     yield SSE_KEEPALIVE
                     continue
                 self._count(call, chunk)
-                reader = readers.get(chunk.index)
-                if reader is not None:
-                    text = reader.push(chunk.text)
-                    calls: list[ToolCall] = []
+                if call.chat.generation.calls_tools and _written(chunk):
+                    reader = readers.get(chunk.index)
+                    if reader is None:
+                        reader = self._tool_reader(call, chunk.expert).stream()
+                        readers[chunk.index] = reader
+                    out = reader.push(chunk.text, chunk.token_ids)
+                    text, fragments = out.content, list(out.calls)
                     if chunk.finish_reason is not None:
-                        tail, calls = reader.finish()
-                        text += tail
-                        calls = allowed_calls(calls, call.chat.generation.parallel_tool_calls)
+                        tail = reader.finish()
+                        text, fragments = text + tail.content, fragments + list(tail.calls)
+                    fragments = allowed_deltas(fragments, parallel)
                     if text or (chunk.logprobs and call.chat.logprobs):
                         piece = replace(chunk, text=text, finish_reason=None)
                         yield sse(envelope.chunk([self._delta(call, piece)]))
-                    for delta in tool_call_deltas(calls):
+                    for delta in tool_call_deltas(fragments):
                         yield sse(envelope.chunk([delta_choice(chunk.index, delta)]))
+                    if fragments:
+                        called.add(chunk.index)
                     if chunk.finish_reason is not None:
-                        reason = "tool_calls" if calls else chunk.finish_reason
+                        reason = "tool_calls" if chunk.index in called else chunk.finish_reason
                         finishing.append(replace(chunk, text="", logprobs=(), finish_reason=reason))
                 elif chunk.finish_reason is not None:
                     finishing.append(chunk)
@@ -427,10 +439,20 @@ class ChatService:
             yield sse(error.to_dict())
         yield SSE_DONE
 
+    def _tool_reader(self, call: ChatCall, expert: str) -> ToolCallReader:
+        """How the expert that wrote a choice reads its tool calls (`ensemble.toolcalls`)."""
+        return tool_reader(self.gateway.engines.get(expert), call.chat.generation)
+
     def _delta(self, call: ChatCall, chunk: GenerationChunk) -> dict[str, Any]:
         return call.shape.delta(
             chunk.index, chunk.text, chunk.finish_reason, chunk.logprobs, _pieces(chunk)
         )
+
+
+def _written(chunk: GenerationChunk) -> bool:
+    """A chunk of a choice's own output (text, logprobs or its end), not one that only
+    accounts for tokens (of samples that lost a vote)."""
+    return bool(chunk.text or chunk.logprobs or chunk.finish_reason is not None)
 
 
 def _pieces(chunk: GenerationChunk) -> tuple[Piece, ...]:

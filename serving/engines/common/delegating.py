@@ -5,10 +5,13 @@ the base of the per-expert timeouts (`supervised.py`) and of a traced request's 
 from __future__ import annotations
 
 from ensemble.engine import Engine, SessionEngine
+from ensemble.toolcalls import ToolCallReader, tool_reader
+from ensemble.types import GenerationRequest
 
 
 class DelegatingEngine:
-    """`engine`'s name, readiness, window, honoured fields and lifecycle, as they are."""
+    """`engine`'s name, readiness, window, honoured fields, tool-call reader and lifecycle, as
+    they are."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -27,6 +30,10 @@ class DelegatingEngine:
         """The structured fields the engine honours (`serving.gateway.capabilities`)."""
         value: frozenset[str] = getattr(self.engine, "honours", frozenset())
         return value
+
+    def tool_reader(self, request: GenerationRequest) -> ToolCallReader:
+        """How the engine reads tool calls (`ensemble.toolcalls`)."""
+        return tool_reader(self.engine, request)
 
     async def start(self) -> None:
         await self.engine.start()

@@ -25,7 +25,7 @@ import aiohttp
 from ensemble.engine import DecodeSession
 from ensemble.errors import ExpertFailed, ExpertUnavailable
 from ensemble.structured import STRUCTURED
-from ensemble.toolcalls import CALL_CLOSE, CALL_OPEN
+from ensemble.toolcalls import CALL_CLOSE, CALL_OPEN, HERMES, ToolCallReader
 from ensemble.types import (
     ChatMessage,
     FinishReason,
@@ -79,6 +79,12 @@ class RemoteOpenAIEngine:
     @property
     def default_stop(self) -> tuple[str, ...]:
         return self.config.stop
+
+    def tool_reader(self, request: GenerationRequest) -> ToolCallReader:
+        """Chorus's Hermes reader: the server parsed the calls its own way, and they come back
+        as Hermes text (`_hermes`)."""
+        del request
+        return HERMES
 
     async def open_session(self, request: GenerationRequest) -> DecodeSession:
         """A decode session through `/v1/completions` (`openai.session`)."""

@@ -39,6 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ensemble.engine import DecodeSession
 from ensemble.errors import ExpertFailed, ExpertUnavailable
 from ensemble.structured import RESPONSE_FORMAT, TOOLS, constraint_of
+from ensemble.toolcalls import HERMES, ToolCallReader
 from ensemble.types import (
     FinishReason,
     GenerationChunk,
@@ -104,6 +105,11 @@ class TransformersEngine:
     @property
     def default_stop(self) -> tuple[str, ...]:
         return self.config.stop
+
+    def tool_reader(self, request: GenerationRequest) -> ToolCallReader:
+        """Chorus's own Hermes reader (vLLM, with its parsers, is optional beside this engine)."""
+        del request
+        return HERMES
 
     async def start(self) -> None:
         await self._run(self._load)
