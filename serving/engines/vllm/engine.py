@@ -279,11 +279,15 @@ class VllmEngine:
             logprobs=params.top_logprobs if params.logprobs else None,
             output_kind=RequestOutputKind.DELTA,
             structured_outputs=structured_outputs(request),
-            # As vLLM's server does: its tool parser may need the special tokens calls are in.
-            skip_special_tokens=(
-                self._tool_calls(request).skip_special_tokens() if request.calls_tools else True
-            ),
+            skip_special_tokens=self._skip_special_tokens(request),
         )
+
+    def _skip_special_tokens(self, request: GenerationRequest) -> bool:
+        """As vLLM's server does: a tool request keeps the special tokens its tool parser reads
+        calls in, where it says so (`hermes` does)."""
+        if not request.calls_tools or self._tool_parsers is None:
+            return True
+        return self._tool_parsers.reader(request).skip_special_tokens()
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         llm = self._require()
