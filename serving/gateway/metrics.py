@@ -117,6 +117,14 @@ class GatewayMetrics:
             ["pool"],
             registry=r,
         )
+        self.budget_skips = Counter(
+            "chorus_budget_skips",
+            "Model calls a request's budget kept from starting or trimmed, by what was cut "
+            "(answer, fallback, escalation, samples, fan-out) and the limit that cut it "
+            "(max_cost, max_fan_out).",
+            ["pool", "call", "limit"],
+            registry=r,
+        )
         self.expert_healthy = Gauge(
             "chorus_expert_healthy",
             "1 when the expert is loaded and serving, else 0.",
