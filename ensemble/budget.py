@@ -198,17 +198,26 @@ class Budget:
 
     async def admit_group(
         self, experts: Sequence[E], request: GenerationRequest, max_tokens: int
-    ) -> list[E]:
+    ) -> tuple[list[E], list[str]]:
         """The experts (in order) whose decode sessions may decode one answer together (fuse,
-        cascade); those that do not fit are left out, recorded as cuts. Their worst case is
-        every session's prompt, priced, and `max_tokens` answer tokens at the dearest of them
-        (each step's token is billed to the expert leading then). None fits: `OverBudget`."""
-        quotes: Sequence[Quote | None] = [None] * len(experts)
+        cascade), and those that failed while being priced. Those that do not fit are left
+        out, recorded as cuts. Their worst case is every session's prompt, priced, and
+        `max_tokens` answer tokens at the dearest of them (each step's token is billed to the
+        expert leading then). None fits: `OverBudget` (or the first failure, if any failed)."""
+        quotes: list[Quote | BaseException | None] = [None] * len(experts)
         if self.max_cost is not None:
-            quotes = await asyncio.gather(*(self._quote(e, request) for e in experts))
+            quotes = await asyncio.gather(
+                *(self._quote(e, request) for e in experts), return_exceptions=True
+            )
         kept: list[E] = []
+        failed: dict[str, ExpertFailed] = {}
         prompts, dearest, worst = 0.0, 0.0, 0.0
         for expert, quote in zip(experts, quotes, strict=True):
+            if isinstance(quote, ExpertFailed):
+                failed[expert.name] = quote
+                continue
+            if isinstance(quote, BaseException):
+                raise quote
             if self.calls_left < len(kept) + 1:
                 self._cut(expert.name, "fan-out", "max_fan_out", 1, 0, quote, 1, max_tokens)
                 continue
@@ -222,10 +231,10 @@ class Budget:
                 prompts, dearest, worst = prompts + quote.prompt_cost, rate, cost
             kept.append(expert)
         if not kept:
-            raise self.refusal()
+            raise next(iter(failed.values())) if failed else self.refusal()
         self.reserved += worst
         self.calls += len(kept)
-        return kept
+        return kept, list(failed)
 
     def release(self, grant: Grant) -> None:
         """A call that failed, or was cancelled, before its tokens were accounted for: its cost

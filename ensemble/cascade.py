@@ -64,7 +64,8 @@ class CascadeStrategy:
     ) -> AsyncGenerator[GenerationChunk, None]:
         max_tokens = request.params.max_tokens or self.max_tokens
         engines = session_engines(self._order(experts), self.name)
-        engines = await (budget or Budget()).admit_group(engines, request, max_tokens)
+        engines, unpriced = await (budget or Budget()).admit_group(engines, request, max_tokens)
+        trace.failed.extend(unpriced)
         names = [e.name for e in engines]
         # The strong expert is session 0: its tokenizer defines the output, like a fuse primary.
         picker = Picker.of(request.params)

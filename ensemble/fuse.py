@@ -88,7 +88,8 @@ class FusionStrategy:
     ) -> AsyncGenerator[GenerationChunk, None]:
         max_tokens = request.params.max_tokens or self.max_tokens
         engines = self._engines(experts)
-        engines = await (budget or Budget()).admit_group(engines, request, max_tokens)
+        engines, unpriced = await (budget or Budget()).admit_group(engines, request, max_tokens)
+        trace.failed.extend(unpriced)
         picker = Picker.of(request.params)
         stepper = await Stepper.open(engines, request, max_tokens, self.observer)
         tally = _Tally(dict.fromkeys((e.name for e in engines), 0.0))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
-from ensemble.budget import Budget
+from ensemble.budget import Budget, CallKind
 from ensemble.engine import Engine
 from ensemble.errors import ExpertFailed
 from ensemble.structured import STRUCTURED
@@ -56,11 +56,12 @@ class SingleStrategy:
         budget = budget or Budget()
         failure: ExpertFailed | None = None
         for expert in experts:
-            grant = await budget.admit(expert, request, "answer" if failure is None else "fallback")
-            if grant is None:
-                continue
-            answered = False
+            grant, answered = None, False
             try:
+                call: CallKind = "answer" if failure is None else "fallback"
+                grant = await budget.admit(expert, request, call)
+                if grant is None:
+                    continue
                 async for chunk in expert.generate(grant.request):
                     if not answered:
                         answered = True
@@ -68,10 +69,11 @@ class SingleStrategy:
                         trace.weights.append(1.0)
                     yield chunk
                 return
-            except ExpertFailed as exc:
+            except ExpertFailed as exc:  # pricing it (counting its prompt) may fail too
                 if answered:
                     raise
-                budget.release(grant)  # nothing of it was sent, so nothing of it is accounted
+                if grant is not None:
+                    budget.release(grant)  # nothing of it was sent, so nothing is accounted
                 trace.failed.append(expert.name)
                 failure = exc
         if failure is not None:

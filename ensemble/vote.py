@@ -92,9 +92,14 @@ class _Poll:
         if i in self.tasks:
             return True
         expert = self.experts[i]
-        grant = await self.budget.admit(
-            expert, self.request, call, samples=True, trim=not early, record=not early
-        )
+        try:
+            grant = await self.budget.admit(
+                expert, self.request, call, samples=True, trim=not early, record=not early
+            )
+        except ExpertFailed:
+            if not early:
+                raise
+            return False  # priced again when it is needed, and failed then
         if grant is None:
             return False
         started = asyncio.Event()
@@ -188,8 +193,13 @@ class VotingStrategy:
                 call: CallKind = (
                     "escalation" if poll.runs else "answer" if not poll.failed else "fallback"
                 )
-                if not await poll.start(i, call):
-                    continue  # it does not fit the budget: the next one may
+                try:
+                    if not await poll.start(i, call):
+                        continue  # it does not fit the budget: the next one may
+                except ExpertFailed as exc:  # pricing it (counting its prompt) failed
+                    poll.failed.append(expert.name)
+                    failure = exc
+                    continue
                 if self.concurrent:  # sample the next one now; dropped if the vote needs it not
                     await poll.start(i + 1, "escalation", early=True)
                 task, started, grant = poll.tasks.pop(i)
