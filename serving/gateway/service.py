@@ -217,6 +217,8 @@ class ChatService:
             first = await anext(stream)
         except BaseException as exc:
             await stream.aclose()
+            if budget is not None:  # no call to record them: a refusal's cuts are counted here
+                self.metrics.count_cuts(target.model_id, budget.skipped)
             if isinstance(exc, EngineError):
                 raise http_error(exc) from exc
             raise

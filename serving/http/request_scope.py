@@ -139,8 +139,8 @@ class RequestScope:
             m.expert_failures.labels(expert).inc()
         if call.trace.failed and status == 200:
             m.fallbacks.labels(pool).inc()
-        for cut in call.budget.skipped if call.budget is not None else ():
-            m.budget_skips.labels(pool, cut.call, cut.limit).inc()
+        if call.budget is not None:
+            m.count_cuts(pool, call.budget.skipped)
         if (vote := call.trace.vote) is not None:
             m.vote_agreement.labels(pool).observe(vote.agreement)
             if vote.escalated:
