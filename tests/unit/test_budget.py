@@ -5,20 +5,27 @@ rates: what is checked is which calls are started, with what, and what is report
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from ensemble.budget import Budget, Cut, Quote
 from ensemble.cascade import CascadeStrategy
 from ensemble.engine import Engine
-from ensemble.errors import ExpertFailed, OverBudget
+from ensemble.errors import ExpertFailed, OverBudget, RequestRejected
 from ensemble.fuse import FusionStrategy
 from ensemble.strategy import SingleStrategy, Strategy
 from ensemble.types import EnsembleTrace, GenerationChunk, GenerationRequest
 from ensemble.vote import VotingStrategy
+from router.costs import CostModel
+from serving.config import OpenAIExpertConfig
+from serving.engines.openai.engine import RemoteOpenAIEngine
+from serving.gateway.budgets import ExpertPricer
 from tests.conftest import request
 from tests.fakes import FakeEngine, ScriptedSamples, ScriptedSessionEngine
+from tests.upstream import serve
 
 pytestmark = pytest.mark.anyio
 
@@ -39,6 +46,10 @@ class Rates:
         tokens: int = await expert.count_prompt_tokens(request)  # type: ignore[attr-defined]
         prompt, completion = self.rates[expert.name]
         return Quote(tokens, tokens * prompt, completion, DEFAULT_MAX_TOKENS)
+
+
+def remote(url: str) -> OpenAIExpertConfig:
+    return OpenAIExpertConfig(engine="openai", base_url=f"{url}/v1", model="m", retries=0)
 
 
 def agreeing(name: str) -> ScriptedSamples:
@@ -278,3 +289,57 @@ async def test_an_expert_that_fails_while_it_is_priced_is_a_failed_expert() -> N
     budget = Budget(max_cost=100.0, pricer=Rates(s1=(0.1, 0.1), s2=(0.1, 0.1)))
     await collect(FusionStrategy(max_tokens=8), [s1, s2], budget, trace)
     assert trace.failed == ["s1"] and trace.experts == ["s2"] and s1.sessions == []
+
+
+# -- the openai engine counts through the server's /tokenize -----------------------------------
+
+
+async def test_a_remote_expert_counts_its_prompt_with_the_servers_tokenize() -> None:
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    def upstream(tokenizes: bool) -> Any:
+        async def handler(http: web.Request) -> web.StreamResponse:
+            if http.method == "GET":  # the health probe
+                return web.json_response({"data": []})
+            seen.append((http.path, await http.json()))
+            if http.path == "/tokenize" and tokenizes:
+                return web.json_response({"tokens": list(range(11)), "count": 11})
+            return web.json_response({"error": {"message": "Not Found"}}, status=404)
+
+        return handler
+
+    tools = ({"type": "function", "function": {"name": "f", "parameters": {}}},)
+    asked = replace(request("hello"), tools=tools, tool_choice="auto")
+    async with serve(upstream(True)) as vllm_url, serve(upstream(False)) as other_url:
+        vllm = RemoteOpenAIEngine("vllm", remote(vllm_url))
+        other = RemoteOpenAIEngine("other", remote(other_url))
+        for engine in (vllm, other):
+            await engine.start()
+        try:
+            assert await vllm.count_prompt_tokens(asked) == 11
+            assert await other.count_prompt_tokens(asked) is None  # not a vLLM server
+        finally:
+            for engine in (vllm, other):
+                await engine.aclose()
+    path, body = seen[0]
+    assert path == "/tokenize" and body["add_generation_prompt"] is True
+    assert body["messages"] == [{"role": "user", "content": "hello"}]
+    assert body["tools"] == list(tools)  # rendered into the prompt, so counted too
+
+
+async def test_the_gateways_quote_is_the_accountings_cost_model_and_the_engines_default() -> None:
+    costs = {"a": CostModel("credits", 0.5, 2.0), "b": CostModel("credits", 0.5, 2.0)}
+    pricer = ExpertPricer("credits", costs, {"a": 256, "b": None})
+    engine = agreeing("a")  # 7 prompt tokens, a window of 1024
+    quote = await pricer.quote(engine, request("q"))
+    assert quote == Quote(7, 3.5, 2.0, 256)
+    # No configured default: up to the context window, as the engines do.
+    assert (await pricer.quote(agreeing("b"), request("q"))).default_max_tokens == 1024 - 7
+
+    class Uncounted(FakeEngine):
+        async def count_prompt_tokens(self, request: GenerationRequest) -> int | None:  # type: ignore[override]  # noqa: ARG002
+            return None
+
+    with pytest.raises(RequestRejected, match="cannot count a prompt's tokens") as refused:
+        await pricer.quote(Uncounted("a", ["x"]), request("q"))
+    assert refused.value.param == "max_cost"
