@@ -251,6 +251,9 @@ class PoolConfig(_Model):
     quality_weight: Annotated[float, Field(ge=0, le=1)] = 1.0
     """Avengers-Pro's alpha: 1 routes by accuracy alone; lower trades accuracy for cost (the
     router must have been fitted with costs). A request may override it."""
+    max_fan_out: Annotated[int, Field(ge=1, strict=True)] | None = None
+    """The most model calls one request may make: a generation or a decode session counts one,
+    a vote's samples one each; fallbacks and escalations count too. None: no cap."""
     description: str = ""
 
 

@@ -17,6 +17,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ensemble.budget import Budget
 from ensemble.errors import EngineError
 from ensemble.prompt_list import each_prompt
 from ensemble.toolcalls import (
@@ -56,6 +57,7 @@ from serving.api.responses import (
     tool_call_deltas,
 )
 from serving.api.validation import ChatRequest
+from serving.gateway.budgets import request_budget
 from serving.gateway.capabilities import able, check_strategy
 from serving.gateway.pools import Gateway, Target
 from serving.gateway.tracing import RequestSpans
@@ -87,6 +89,7 @@ class ChatCall:
     # Per expert and prompt (a list of raw prompts has several): the prompt tokens counted.
     prompt_seen: dict[tuple[str, int], int] = field(default_factory=dict)
     completion_tokens: Counter[str] = field(default_factory=Counter)  # per expert
+    budget: Budget | None = None  # the request's `max_cost` and the pool's `max_fan_out`
     outcome: int | None = None
 
     @property
@@ -138,21 +141,26 @@ class ChatCall:
 
     def chorus(self) -> dict[str, Any]:
         units = {m.unit for e, m in self.costs.items() if e in self.target.experts}
-        return self.trace.summaries() | {
-            "pool": self.target.model_id,
-            "strategy": self.target.strategy.name,
-            "experts": list(self.trace.experts),
-            "cluster": self.decision.cluster,
-            "ood": self.decision.ood,
-            "weights": list(self.trace.weights),
-            "cost": self.cost(),
-            "cost_unit": units.pop() if len(units) == 1 else None,
-            "usage": self.expert_usage(),
-            "timings": {
-                "route_ms": round(self.route_ms, 3),
-                "total_ms": round((time.perf_counter() - self.received) * 1000, 3),
-            },
-        }
+        budget = {} if self.budget is None else {"budget": self.budget.as_json(self.cost())}
+        return (
+            self.trace.summaries()
+            | budget
+            | {
+                "pool": self.target.model_id,
+                "strategy": self.target.strategy.name,
+                "experts": list(self.trace.experts),
+                "cluster": self.decision.cluster,
+                "ood": self.decision.ood,
+                "weights": list(self.trace.weights),
+                "cost": self.cost(),
+                "cost_unit": units.pop() if len(units) == 1 else None,
+                "usage": self.expert_usage(),
+                "timings": {
+                    "route_ms": round(self.route_ms, 3),
+                    "total_ms": round((time.perf_counter() - self.received) * 1000, 3),
+                },
+            }
+        )
 
     def usage(self) -> dict[str, int]:
         """Every expert's prompt and every generated token, the losing vote samples included."""
@@ -187,6 +195,7 @@ class ChatService:
         target = self._target(chat)
         if prompts:
             _check_raw_prompts(target)
+        budget = request_budget(self.gateway, target, chat.max_cost)
         route_start = time.perf_counter()
         messages = _routed_messages(chat, prompts)
         if spans is None:
@@ -203,9 +212,9 @@ class ChatService:
         overhead_ms = (time.perf_counter() - received) * 1000
         experts = ready if spans is None else spans.strategy_started(target.strategy.name, ready)
         if prompts:
-            stream = each_prompt(target.strategy, prompts, experts, trace)
+            stream = each_prompt(target.strategy, prompts, experts, trace, budget)
         else:
-            stream = target.strategy.run(chat.generation, experts, trace)
+            stream = target.strategy.run(chat.generation, experts, trace, budget)
         shaped: ResponseShape = (
             shape if shape is not None else ChatShape(chat.n, chat.logprobs, chat.pieces)
         )
@@ -214,6 +223,8 @@ class ChatService:
             first = await anext(stream)
         except BaseException as exc:
             await stream.aclose()
+            if budget is not None:  # no call to record them: a refusal's cuts are counted here
+                self.metrics.count_cuts(target.model_id, budget.skipped)
             if isinstance(exc, EngineError):
                 raise http_error(exc) from exc
             raise
@@ -233,6 +244,7 @@ class ChatService:
             first=first,
             rest=stream,
             costs=self.gateway.costs,
+            budget=budget,
         )
 
     def _target(self, chat: ChatRequest) -> Target:

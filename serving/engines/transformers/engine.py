@@ -182,6 +182,12 @@ class TransformersEngine:
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
         return prompt_ids(self._tokenizer, self._chat_template, request)
 
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """The prompt tokens `generate` would count (on the worker, like its own encoding)."""
+        if not self.ready:
+            raise ExpertUnavailable(f"expert {self.name} is not loaded yet")
+        return len(await self._run(self.encode_prompt, request))
+
     async def open_session(self, request: GenerationRequest) -> DecodeSession:
         if not self.ready:
             raise ExpertUnavailable(f"expert {self.name} is not loaded yet")

@@ -231,6 +231,11 @@ class VllmEngine:
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
         return prompt_ids(self._tokenizer, self._chat_template, request)
 
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """The prompt tokens `generate` would count (encoded as `generate` encodes them)."""
+        self._require()
+        return len(self.encode_prompt(request))
+
     def check_room(self, prompt_tokens: int, request: GenerationRequest) -> int:
         return check_room(
             self._context_window, prompt_tokens, request.params.max_tokens, request.prompt_param
