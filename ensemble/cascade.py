@@ -4,7 +4,8 @@ Entropy Adaptive Decoding (Simonds 2025): at each step the draft expert's next-t
 (the engines' shared top-20 estimate, so a threshold means the same on every engine) joins a
 rolling window; while the window's mean exceeds `threshold` (nats), the strong expert
 chooses the token, otherwise the draft's own choice stands. Both continue from the same text.
-If one of them fails, the other carries on alone.
+If one of them fails, the other carries on alone. Under a budget (`ensemble.budget`) one whose
+session does not fit is left out from the start: the strong expert alone, or the draft alone.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 
+from ensemble.budget import Budget
 from ensemble.engine import Engine
 from ensemble.stepwise import Picker, StepObserver, Stepper, session_engines, sole_weights
 from ensemble.types import (
@@ -54,11 +56,17 @@ class CascadeStrategy:
         return [strong, draft] if strong is not draft else [draft]
 
     async def run(
-        self, request: GenerationRequest, experts: Sequence[Engine], trace: EnsembleTrace
+        self,
+        request: GenerationRequest,
+        experts: Sequence[Engine],
+        trace: EnsembleTrace,
+        budget: Budget | None = None,
     ) -> AsyncGenerator[GenerationChunk, None]:
-        engines = session_engines(self._order(experts), self.name)
-        names = [e.name for e in engines]
         max_tokens = request.params.max_tokens or self.max_tokens
+        engines = session_engines(self._order(experts), self.name)
+        engines, unpriced = await (budget or Budget()).admit_group(engines, request, max_tokens)
+        trace.failed.extend(unpriced)
+        names = [e.name for e in engines]
         # The strong expert is session 0: its tokenizer defines the output, like a fuse primary.
         picker = Picker.of(request.params)
         stepper = await Stepper.open(engines, request, max_tokens, self.observer)

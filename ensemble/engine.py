@@ -16,6 +16,10 @@ class Engine(Protocol):
     sample ending with a chunk that has a `finish_reason`. Errors about the request itself (a prompt
     longer than the context window) are raised before the first chunk. Closing the iterator early
     stops the model work for that request.
+
+    Optional, read where present: `honours` (the structured request fields it serves) and
+    `tool_reader(request)`, how tool calls are read out of its text (`ensemble.toolcalls`;
+    without one, Chorus's Hermes reader).
     """
 
     name: str

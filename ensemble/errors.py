@@ -5,7 +5,8 @@ EngineError
 ├── ExpertFailed          the expert could not answer; another expert may (fallback applies)
 │   └── ExpertTimedOut    it went silent past its first-token or per-token timeout
 ├── RequestRejected       the request itself cannot be served by this expert (names `param`)
-│   └── PromptTooLong     the prompt (plus max_tokens) does not fit the context window
+│   ├── PromptTooLong     the prompt (plus max_tokens) does not fit the context window
+│   └── OverBudget        no call the request needs fits its `max_cost` (`ensemble.budget`)
 └── ExpertUnavailable     the expert is not loaded or started
 """
 
@@ -43,3 +44,7 @@ class PromptTooLong(RequestRejected):
 
 class ExpertUnavailable(EngineError):
     """The expert is not loaded (yet) or was closed."""
+
+
+class OverBudget(RequestRejected):
+    """No call the request needs fits its `max_cost`: refused before any model call."""

@@ -17,7 +17,8 @@ length follows the acceptance: one more after a round accepted whole, one past t
 steps otherwise.
 
 An expert that fails (or times out) is left out and the others carry on; if it was the primary,
-the next one takes over. The request fails only when every expert has failed.
+the next one takes over. The request fails only when every expert has failed. Under a budget
+(`ensemble.budget`) the experts whose sessions do not fit are left out from the start.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Literal
 import numpy as np
 
 from ensemble import fusion
+from ensemble.budget import Budget
 from ensemble.engine import Engine, SessionEngine
 from ensemble.errors import ExpertFailed
 from ensemble.stepwise import Picker, StepObserver, Stepper, session_engines, sole_weights
@@ -97,10 +99,16 @@ class FusionStrategy:
         self.observer = observer
 
     async def run(
-        self, request: GenerationRequest, experts: Sequence[Engine], trace: EnsembleTrace
+        self,
+        request: GenerationRequest,
+        experts: Sequence[Engine],
+        trace: EnsembleTrace,
+        budget: Budget | None = None,
     ) -> AsyncGenerator[GenerationChunk, None]:
-        engines = self._engines(experts)
         max_tokens = request.params.max_tokens or self.max_tokens
+        engines = self._engines(experts)
+        engines, unpriced = await (budget or Budget()).admit_group(engines, request, max_tokens)
+        trace.failed.extend(unpriced)
         picker = Picker.of(request.params)
         stepper = await Stepper.open(engines, request, max_tokens, self.observer)
         tally = _Tally(dict.fromkeys((e.name for e in engines), 0.0))

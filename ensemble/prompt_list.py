@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import replace
 
+from ensemble.budget import Budget
 from ensemble.engine import Engine
 from ensemble.strategy import Strategy
 from ensemble.types import EnsembleTrace, GenerationChunk, GenerationRequest
@@ -22,12 +23,16 @@ async def each_prompt(
     requests: Sequence[GenerationRequest],
     experts: Sequence[Engine],
     trace: EnsembleTrace,
+    budget: Budget | None = None,
 ) -> AsyncGenerator[GenerationChunk, None]:
-    """Every request's chunks in turn, re-indexed to one choice per sample of each prompt."""
+    """Every request's chunks in turn, re-indexed to one choice per sample of each prompt; the
+    pool's fan-out cap holds for each prompt."""
     for number, request in enumerate(requests):
         own = EnsembleTrace()
+        if budget is not None:
+            budget.next_prompt()
         try:
-            async with aclosing(strategy.run(request, experts, own)) as stream:
+            async with aclosing(strategy.run(request, experts, own, budget)) as stream:
                 async for chunk in stream:
                     yield replace(chunk, index=number * request.params.n + chunk.index)
         finally:

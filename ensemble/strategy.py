@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
+from ensemble.budget import Budget, CallKind
 from ensemble.engine import Engine
 from ensemble.errors import ExpertFailed
 from ensemble.structured import STRUCTURED
@@ -15,7 +16,9 @@ class Strategy(Protocol):
     """Turns a request and the routed experts (best first) into one stream of chunks.
 
     A strategy records in `trace` which experts it used and with what weight; the server reports
-    that to the client. Like an engine, it raises request errors before its first chunk.
+    that to the client. Like an engine, it raises request errors before its first chunk. It
+    starts no model call that `budget` (the request's `max_cost` and the pool's `max_fan_out`)
+    does not admit; none: no limits.
     """
 
     name: str
@@ -23,7 +26,11 @@ class Strategy(Protocol):
     honours: frozenset[str]  # the structured request fields it serves (`ensemble.structured`)
 
     def run(
-        self, request: GenerationRequest, experts: Sequence[Engine], trace: EnsembleTrace
+        self,
+        request: GenerationRequest,
+        experts: Sequence[Engine],
+        trace: EnsembleTrace,
+        budget: Budget | None = None,
     ) -> AsyncGenerator[GenerationChunk, None]: ...
 
 
@@ -31,7 +38,8 @@ class SingleStrategy:
     """The top routed expert answers alone, streaming natively.
 
     If it fails before producing anything, the next routed expert answers instead (the failed
-    ones are listed in `trace.failed`); once output has been sent, a failure is final.
+    ones are listed in `trace.failed`); once output has been sent, a failure is final. An
+    expert the budget does not admit is passed over, as first choice or as fallback.
     """
 
     name = "single"
@@ -39,19 +47,36 @@ class SingleStrategy:
     honours = STRUCTURED  # the answering expert's engine constrains and parses
 
     async def run(
-        self, request: GenerationRequest, experts: Sequence[Engine], trace: EnsembleTrace
+        self,
+        request: GenerationRequest,
+        experts: Sequence[Engine],
+        trace: EnsembleTrace,
+        budget: Budget | None = None,
     ) -> AsyncGenerator[GenerationChunk, None]:
-        for position, expert in enumerate(experts):
-            answered = False
+        budget = budget or Budget()
+        failure: ExpertFailed | None = None
+        for expert in experts:
+            grant, answered = None, False
             try:
-                async for chunk in expert.generate(request):
+                call: CallKind = "answer" if failure is None else "fallback"
+                grant = await budget.admit(expert, request, call)
+                if grant is None:
+                    continue
+                async for chunk in expert.generate(grant.request):
                     if not answered:
                         answered = True
                         trace.experts.append(expert.name)
                         trace.weights.append(1.0)
                     yield chunk
                 return
-            except ExpertFailed:
-                if answered or position == len(experts) - 1:
+            except ExpertFailed as exc:  # pricing it (counting its prompt) may fail too
+                if answered:
                     raise
+                if grant is not None:
+                    budget.release(grant)  # nothing of it was sent, so nothing is accounted
                 trace.failed.append(expert.name)
+                failure = exc
+        if failure is not None:
+            raise budget.explain(failure)
+        if budget.skipped:
+            raise budget.refusal()

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ensemble.toolcalls import CALL_CLOSE, CALL_OPEN, parse_tool_calls
+from ensemble.toolcalls import CALL_CLOSE, CALL_OPEN, ToolCallReader
 from ensemble.types import GenerationRequest
 
 ConstraintKind = Literal["json", "schema", "tool_call"]
@@ -94,14 +94,17 @@ def canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def canonical_reply(text: str, calls_tools: bool) -> str | None:
+def canonical_reply(text: str, calls: ToolCallReader | None) -> str | None:
     """The canonical form of a structured reply, for votes: its tool calls (names and parsed
-    arguments, in order) when the request calls tools and it made some, else its JSON value;
-    None when it is neither."""
-    if calls_tools:
-        _, calls = parse_tool_calls(text)
-        if calls:
-            return canonical([[c.name, json.loads(c.arguments)] for c in calls])
+    arguments, in order) as `calls` (its expert's reader; None: the request calls no tools)
+    reads them, when it made some; else its JSON value; None when it is neither."""
+    if calls is not None:
+        _, made = calls.parse(text)
+        if made:
+            try:
+                return canonical([[c.name, json.loads(c.arguments)] for c in made])
+            except ValueError:  # a parser that passes arguments on unchecked
+                return canonical([[c.name, c.arguments] for c in made])
     try:
         return canonical(json.loads(text))
     except ValueError:

@@ -114,7 +114,9 @@ class GenerationChunk:
     (samples that lost a vote), and `keepalive` chunks that say it is still working.
 
     `pieces`, from token-level strategies, split `text` by the expert that chose each stretch
-    (their texts join to `text`); empty where `expert` produced all of it.
+    (their texts join to `text`); empty where `expert` produced all of it. `token_ids` are the
+    expert's tokens behind `text` where its engine gives them (vLLM: some of its tool parsers
+    look for special tokens); empty otherwise.
     """
 
     expert: str
@@ -126,6 +128,7 @@ class GenerationChunk:
     finish_reason: FinishReason | None = None
     keepalive: bool = False
     pieces: tuple[Piece, ...] = ()
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,10 @@ is cancelled when the vote does not need it. The reply is the winning sample's o
 
 An expert that fails is skipped: the next routed expert takes its place (listed in
 `trace.failed`); the request fails only when every expert it needed has failed.
+
+Under a budget (`ensemble.budget`) each expert's samples are trimmed to what fits, an expert
+none of whose samples fits is passed over (a vote that would escalate to it does not), and the
+next expert samples early only if all its samples fit beside the top one's.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ import math
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
-from functools import partial
 from typing import cast
 
 from ensemble.answers import AnswerFormat, extract
+from ensemble.budget import Budget, CallKind, Grant
 from ensemble.engine import Engine
 from ensemble.errors import ExpertFailed
 from ensemble.structured import STRUCTURED, canonical_reply
+from ensemble.toolcalls import tool_reader
 from ensemble.types import (
     EnsembleTrace,
     FinishReason,
@@ -32,6 +37,9 @@ from ensemble.types import (
     VoteSummary,
 )
 from ensemble.voting import Sample, consistency_weights, top_share, vote
+
+# How a sample's answer is read: from its expert's name and its text.
+_Read = Callable[[str, str], str | None]
 
 
 @dataclass(slots=True)
@@ -68,26 +76,47 @@ class _Run:
 @dataclass(slots=True)
 class _Poll:
     """One vote's sampling: the runs gathered, the experts that failed, and the sampling tasks
-    started but not yet awaited (the next expert's, started early when `concurrent`)."""
+    started but not yet awaited (the next expert's, started early when `concurrent`), each
+    with what the budget granted it."""
 
     experts: Sequence[Engine]
     request: GenerationRequest  # the samples' request: n samples, with logprobs
+    budget: Budget
     runs: list[_Run] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
-    tasks: dict[int, tuple[asyncio.Task[_Run], asyncio.Event]] = field(default_factory=dict)
+    tasks: dict[int, tuple[asyncio.Task[_Run], asyncio.Event, Grant]] = field(default_factory=dict)
 
-    def start(self, i: int) -> None:
-        """Start expert `i` sampling, unless there is no such expert or it has started."""
-        if i < len(self.experts) and i not in self.tasks:
-            started = asyncio.Event()
-            task = asyncio.create_task(_sample(self.experts[i], self.request, started))
-            self.tasks[i] = (task, started)
+    async def start(self, i: int, call: CallKind, *, early: bool = False) -> bool:
+        """Start expert `i` sampling, if there is such an expert and the budget admits it (as
+        many samples as fit; `early`, all of them or none, and no cut recorded: it may never
+        be needed). Whether it is sampling."""
+        if i >= len(self.experts):
+            return False
+        if i in self.tasks:
+            return True
+        expert = self.experts[i]
+        try:
+            grant = await self.budget.admit(
+                expert, self.request, call, samples=True, trim=not early, record=not early
+            )
+        except ExpertFailed:
+            if not early:
+                raise
+            return False  # priced again when it is needed, and failed then
+        if grant is None:
+            return False
+        started = asyncio.Event()
+        task = asyncio.create_task(_sample(expert, grant.request, started))
+        self.tasks[i] = (task, started, grant)
+        return True
 
     async def cancel(self) -> None:
-        """Stop the tasks not awaited (not needed, or the client left)."""
-        for task, _ in self.tasks.values():
+        """Stop the tasks not awaited (not needed, or the client left); their samples are never
+        accounted, so their cost goes back to the budget."""
+        for task, _, grant in self.tasks.values():
             task.cancel()
-        await asyncio.gather(*(t for t, _ in self.tasks.values()), return_exceptions=True)
+            self.budget.release(grant)
+        await asyncio.gather(*(t for t, _, _ in self.tasks.values()), return_exceptions=True)
 
 
 class VotingStrategy:
@@ -117,10 +146,14 @@ class VotingStrategy:
         self.concurrent = concurrent
 
     async def run(
-        self, request: GenerationRequest, experts: Sequence[Engine], trace: EnsembleTrace
+        self,
+        request: GenerationRequest,
+        experts: Sequence[Engine],
+        trace: EnsembleTrace,
+        budget: Budget | None = None,
     ) -> AsyncGenerator[GenerationChunk, None]:
-        read = self._reader(request)
-        poll = _Poll(experts, self._sampling(request))
+        read = self._reader(request, experts)
+        poll = _Poll(experts, self._sampling(request), budget or Budget())
         async with aclosing(self._gather(poll, read)) as keepalives:
             async for keepalive in keepalives:
                 yield keepalive
@@ -129,12 +162,19 @@ class VotingStrategy:
         for chunk in _reply(poll.runs, winner):
             yield chunk
 
-    def _reader(self, request: GenerationRequest) -> Callable[[str], str | None]:
-        """How a sample's answer is read: a structured reply (tool calls, JSON) by its canonical
-        JSON value, so `{"a": 1}` and `{ "a":1 }` agree; free text by the answer format."""
-        if request.calls_tools or request.response_format is not None:
-            return partial(canonical_reply, calls_tools=request.calls_tools)
-        return partial(extract, fmt=cast(AnswerFormat, request.answer_format or self.answer_format))
+    def _reader(self, request: GenerationRequest, experts: Sequence[Engine]) -> _Read:
+        """How a sample's answer is read (given its expert and text): a structured reply (tool
+        calls, as its expert's engine reads them; JSON) by its canonical JSON value, so
+        `{"a": 1}` and `{ "a":1 }` agree; free text by the answer format."""
+        if request.calls_tools:
+            engines = {e.name: e for e in experts}
+            return lambda expert, text: canonical_reply(
+                text, tool_reader(engines.get(expert), request)
+            )
+        if request.response_format is not None:
+            return lambda _, text: canonical_reply(text, None)
+        fmt = cast(AnswerFormat, request.answer_format or self.answer_format)
+        return lambda _, text: extract(text, fmt)
 
     def _sampling(self, request: GenerationRequest) -> GenerationRequest:
         params = replace(
@@ -148,40 +188,48 @@ class VotingStrategy:
         )
         return replace(request, params=params)
 
-    async def _gather(
-        self, poll: _Poll, read: Callable[[str], str | None]
-    ) -> AsyncGenerator[GenerationChunk, None]:
+    async def _gather(self, poll: _Poll, read: _Read) -> AsyncGenerator[GenerationChunk, None]:
         """The runs the vote needs, into `poll`: the top expert's, and the next one's too when
         the top one agrees with itself less than `escalate_below`. A failed expert is skipped
         and the next takes its place. Streams keep-alive chunks while experts sample."""
         wanted, beating = 1, False  # runs the vote needs; whether a byte (keep-alive) went out
+        failure: ExpertFailed | None = None
         try:
             for i, expert in enumerate(poll.experts):
                 if len(poll.runs) == wanted:
                     break
-                poll.start(i)
+                call: CallKind = (
+                    "escalation" if poll.runs else "answer" if not poll.failed else "fallback"
+                )
+                try:
+                    if not await poll.start(i, call):
+                        continue  # it does not fit the budget: the next one may
+                except ExpertFailed as exc:  # pricing it (counting its prompt) failed
+                    poll.failed.append(expert.name)
+                    failure = exc
+                    continue
                 if self.concurrent:  # sample the next one now; dropped if the vote needs it not
-                    poll.start(i + 1)
-                task, started = poll.tasks.pop(i)
+                    await poll.start(i + 1, "escalation", early=True)
+                task, started, grant = poll.tasks.pop(i)
                 try:
                     # Until a byte is out, wait for content first: an early failure stays clean.
                     async for beat in self._heartbeats(task, None if beating else started):
                         beating = True
                         yield beat
                     poll.runs.append(task.result())
-                except ExpertFailed:
+                except ExpertFailed as exc:
+                    poll.budget.release(grant)  # its samples are never accounted
                     poll.failed.append(expert.name)
-                    if i == len(poll.experts) - 1 and not poll.runs:
-                        raise
+                    failure = exc
                     continue
                 if wanted == 1 and top_share(_samples(poll.runs, read)) < self.escalate_below:
                     wanted = 2  # the top expert disagrees with itself: ask the next one
+            if not poll.runs:
+                raise poll.budget.refusal() if failure is None else poll.budget.explain(failure)
         finally:
             await poll.cancel()
 
-    def _count(
-        self, runs: list[_Run], trace: EnsembleTrace, read: Callable[[str], str | None]
-    ) -> _Sampled:
+    def _count(self, runs: list[_Run], trace: EnsembleTrace, read: _Read) -> _Sampled:
         """The vote over every run's samples, recorded in `trace`; returns the winning sample."""
         escalated = len(runs) > 1
         samples = _samples(runs, read)
@@ -247,9 +295,9 @@ def _given(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
-def _samples(runs: list[_Run], read: Callable[[str], str | None]) -> list[Sample]:
+def _samples(runs: list[_Run], read: _Read) -> list[Sample]:
     return [
-        Sample(run.expert, s.text, read(s.text), s.mean_logprob())
+        Sample(run.expert, s.text, read(run.expert, s.text), s.mean_logprob())
         for run in runs
         for s in run.samples
     ]

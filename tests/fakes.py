@@ -45,6 +45,9 @@ class FakeEngine:
     async def aclose(self) -> None:
         self._ready = False
 
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        return len(request.messages)  # what its chunks report
+
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         self.active += 1
         try:
@@ -90,6 +93,9 @@ class ScriptedSamples:
 
     async def aclose(self) -> None:
         pass
+
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:  # noqa: ARG002
+        return 7  # what its chunks report
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         self.calls.append(request)
@@ -138,6 +144,9 @@ class ScriptedSessionEngine:
 
     async def aclose(self) -> None:
         pass
+
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:  # noqa: ARG002
+        return 3  # what its sessions report
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:  # noqa: ARG002
         raise NotImplementedError

@@ -10,7 +10,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serving.api.protocol import StreamOptions
+from serving.api.protocol import MaxCost, StreamOptions
 
 # OpenAI's legacy API writes 16 tokens unless told otherwise.
 DEFAULT_MAX_TOKENS = 16
@@ -33,8 +33,9 @@ class CompletionRequestBody(BaseModel):
     logprobs: Annotated[int, Field(ge=0)] | None = None  # how many alternatives per token
     echo: bool = False
     user: str | None = None
-    # Chorus's extension (the `openai` SDK sends it with `extra_body`).
+    # Chorus's extensions (the `openai` SDK sends them with `extra_body`).
     quality_weight: Annotated[float, Field(ge=0, le=1)] | None = None
+    max_cost: MaxCost | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> CompletionRequestBody:

@@ -16,6 +16,7 @@ from serving.api.completion_responses import TextCompletionShape
 from serving.api.errors import InvalidRequestError
 from serving.api.validation import (
     ChatRequest,
+    header_max_cost,
     header_quality_weight,
     invalid_request,
     refuse_what_is_not_honoured,
@@ -99,5 +100,16 @@ def validate_completion(
     quality_weight = body.quality_weight
     if quality_weight is None:  # the body's field wins over the header
         quality_weight = header_quality_weight(headers)
-    chat = ChatRequest(body.model, generations[0], body.stream, include_usage, quality_weight)
+    max_cost = body.max_cost if body.max_cost is not None else header_max_cost(headers)
+    if max_cost is not None and len(prompts) > 1:
+        # Prompts are answered one after another: a budget cannot be kept for all of them
+        # before the first is answered.
+        raise InvalidRequestError(
+            "`max_cost` applies to one prompt: send a list of prompts without it, or one "
+            "request per prompt",
+            param="max_cost",
+        )
+    chat = ChatRequest(
+        body.model, generations[0], body.stream, include_usage, quality_weight, max_cost=max_cost
+    )
     return CompletionRequest(chat, generations, body.echo, body.logprobs)

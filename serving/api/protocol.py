@@ -105,6 +105,10 @@ class Message(_Lenient):
         return value
 
 
+# A request's `max_cost` (`ensemble.budget`): a finite number >= 0, never a string or a bool.
+MaxCost = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+
+
 class StreamOptions(_Lenient):
     include_usage: bool = False
 
@@ -130,6 +134,7 @@ class ChatCompletionRequest(_Lenient):
     response_format: ResponseFormat | None = None
     # Chorus's extensions (the `openai` SDK sends them with `extra_body`).
     quality_weight: Annotated[float, Field(ge=0, le=1)] | None = None
+    max_cost: MaxCost | None = None  # in the pool's cost unit (`GET /v1/models`)
     answer_format: Literal["auto", "number", "choice", "short", "text"] | None = None
     chorus_pieces: bool = False  # tag each piece of text with the expert that chose it
 

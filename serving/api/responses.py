@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ensemble.toolcalls import CallDelta
 from ensemble.types import Piece, TokenLogprob, ToolCall
 
 
@@ -180,14 +181,17 @@ def pieces_json(pieces: tuple[Piece, ...]) -> list[dict[str, Any]]:
     ]
 
 
-def tool_call_deltas(calls: list[ToolCall]) -> list[dict[str, Any]]:
-    """A choice's calls as `delta.tool_calls` fragments, as OpenAI streams them: the id, type
-    and name first, then the arguments; clients join fragments by their `index`."""
+def tool_call_deltas(fragments: Sequence[CallDelta]) -> list[dict[str, Any]]:
+    """A choice's call fragments as `delta.tool_calls`, as OpenAI streams them: a call's id,
+    type and name first, then its arguments; clients join fragments by their `index`."""
     deltas: list[dict[str, Any]] = []
-    for index, c in enumerate(calls):
-        head = {"index": index, "id": c.id, "type": "function"}
-        deltas.append({"tool_calls": [head | {"function": {"name": c.name, "arguments": ""}}]})
-        deltas.append({"tool_calls": [{"index": index, "function": {"arguments": c.arguments}}]})
+    for f in fragments:
+        call: dict[str, Any] = {"index": f.index}
+        if f.id is not None:
+            call |= {"id": f.id, "type": "function"}
+        name = {} if f.name is None else {"name": f.name}
+        call["function"] = name | {"arguments": f.arguments}
+        deltas.append({"tool_calls": [call]})
     return deltas
 
 

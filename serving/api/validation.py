@@ -9,6 +9,7 @@ Everything after this stage reads the `ChatRequest`, never the body.
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -32,6 +33,7 @@ class ChatRequest:
     include_usage: bool  # stream a usage chunk before [DONE]
     quality_weight: float | None = None  # None: the pool's own
     pieces: bool = False  # `chorus_pieces`: say which expert chose each piece of text
+    max_cost: float | None = None  # in the pool's cost unit; None: no limit
 
     @property
     def id(self) -> str:
@@ -47,6 +49,7 @@ class ChatRequest:
 
 
 QUALITY_WEIGHT_HEADER = "x-chorus-quality-weight"
+MAX_COST_HEADER = "x-chorus-max-cost"
 
 
 def validate_chat(
@@ -59,8 +62,10 @@ def validate_chat(
     except ValidationError as exc:
         raise invalid_request(exc.errors()) from None
     chat = _within_limits(body, limits)
-    if chat.quality_weight is None:  # the body's field wins
+    if chat.quality_weight is None:  # the body's fields win
         chat = replace(chat, quality_weight=header_quality_weight(headers))
+    if chat.max_cost is None:
+        chat = replace(chat, max_cost=header_max_cost(headers))
     return chat
 
 
@@ -77,6 +82,24 @@ def header_quality_weight(headers: Mapping[str, str] | None) -> float | None:
         raise InvalidRequestError(
             f"header `{QUALITY_WEIGHT_HEADER}` must be a number in [0, 1]",
             param=QUALITY_WEIGHT_HEADER,
+        )
+    return value
+
+
+def header_max_cost(headers: Mapping[str, str] | None) -> float | None:
+    """The `x-chorus-max-cost` header's value, if sent; a 400 if it is not a finite number
+    >= 0."""
+    header = (headers or {}).get(MAX_COST_HEADER)
+    if header is None:
+        return None
+    try:
+        value = float(header)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise InvalidRequestError(
+            f"header `{MAX_COST_HEADER}` must be a finite number >= 0, in the pool's cost unit",
+            param=MAX_COST_HEADER,
         )
     return value
 
@@ -172,7 +195,13 @@ def _within_limits(body: ChatCompletionRequest, limits: ServerConfig) -> ChatReq
     )
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return ChatRequest(
-        body.model, generation, body.stream, include_usage, body.quality_weight, body.chorus_pieces
+        body.model,
+        generation,
+        body.stream,
+        include_usage,
+        body.quality_weight,
+        body.chorus_pieces,
+        body.max_cost,
     )
 
 

@@ -24,9 +24,11 @@ from serving.config.schema import (
     ExpertConfig,
     FuseStrategyConfig,
     OpenAIExpertConfig,
+    PoolConfig,
     Price,
     TransformersExpertConfig,
     VllmExpertConfig,
+    VoteStrategyConfig,
 )
 from serving.models import bundled
 
@@ -219,6 +221,7 @@ def _cross_check(config: Config, base_dir: Path) -> list[tuple[str, str]]:
                 problems.append(
                     (f"pools.{pool_name}.strategy.weights", "`static` weighting needs weights")
                 )
+        problems += _check_fan_out(pool_name, pool)
         if isinstance(strategy, CascadeStrategyConfig) and strategy.draft not in (
             None,
             *pool.experts,
@@ -230,6 +233,33 @@ def _cross_check(config: Config, base_dir: Path) -> list[tuple[str, str]]:
     if problem:
         problems.append(("router.embedder", problem))
     return problems
+
+
+def _check_fan_out(name: str, pool: PoolConfig) -> list[tuple[str, str]]:
+    """A fan-out cap that would cut every request the same way is a mistake in the pool's
+    other settings: say which."""
+    cap, strategy = pool.max_fan_out, pool.strategy
+    if cap is None:
+        return []
+    key = f"pools.{name}.max_fan_out"
+    if isinstance(strategy, VoteStrategyConfig) and cap < strategy.samples:
+        return [
+            (
+                key,
+                f"{cap} is below the vote's {strategy.samples} samples: every vote would be cut "
+                f"to {cap}; lower `strategy.samples` instead",
+            )
+        ]
+    token_level = isinstance(strategy, FuseStrategyConfig | CascadeStrategyConfig)
+    if token_level and cap < 2 and len(pool.experts) > 1:
+        return [
+            (
+                key,
+                f"a `{strategy.type}` pool decodes with at least two experts at once; 1 leaves "
+                "its first expert alone (use a `single` pool for that)",
+            )
+        ]
+    return []
 
 
 def _check_model_ref(ref: str, base_dir: Path) -> str | None:

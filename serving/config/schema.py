@@ -107,6 +107,11 @@ class VllmExpertConfig(_ExpertCommon):
     """Decode sessions (fusion, cascades) ask vLLM for this many greedy tokens per request and
     answer the following steps from them while the chosen text follows that draft; 1: one
     request per token."""
+    tool_parser: str = "hermes"
+    """vLLM's tool parser (the name `vllm serve --tool-call-parser` takes) that reads tool calls
+    out of the expert's text, where its chat template renders tools. A call forced by
+    `tool_choice` (`required`, a named function) is the Hermes frame its grammar writes, read by
+    vLLM's `hermes` parser whatever this says."""
 
     @field_validator("engine_args")
     @classmethod
@@ -122,6 +127,27 @@ class VllmExpertConfig(_ExpertCommon):
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(f"unknown vLLM engine argument {key!r}{hint}")
         return value
+
+    @field_validator("tool_parser")
+    @classmethod
+    def _known_tool_parser(cls, value: str) -> str:
+        known = _vllm_tool_parser_names()
+        if known is None or value in known:  # without vLLM the engine refuses to start instead
+            return value
+        close = difflib.get_close_matches(value, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown vLLM tool parser {value!r} ({hint}vLLM has: {', '.join(known)})")
+
+
+@functools.cache
+def _vllm_tool_parser_names() -> list[str] | None:
+    """The names vLLM's `ToolParserManager` has registered (sorted), or None without vLLM
+    (imported only for configs that name a tool parser)."""
+    try:
+        from vllm.tool_parsers import ToolParserManager
+    except ImportError:
+        return None
+    return list(ToolParserManager.list_registered())
 
 
 @functools.cache
@@ -227,6 +253,9 @@ class PoolConfig(_Model):
     quality_weight: Annotated[float, Field(ge=0, le=1)] = 1.0
     """Avengers-Pro's alpha: 1 routes by accuracy alone; lower trades accuracy for cost (the
     router must have been fitted with costs). A request may override it."""
+    max_fan_out: Annotated[int, Field(ge=1, strict=True)] | None = None
+    """The most model calls one request may make: a generation or a decode session counts one,
+    a vote's samples one each; fallbacks and escalations count too. None: no cap."""
     description: str = ""
 
 

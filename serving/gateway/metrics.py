@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ensemble.budget import Cut
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
@@ -117,6 +121,14 @@ class GatewayMetrics:
             ["pool"],
             registry=r,
         )
+        self.budget_skips = Counter(
+            "chorus_budget_skips",
+            "Model calls a request's budget kept from starting or trimmed, by what was cut "
+            "(answer, fallback, escalation, samples, fan-out) and the limit that cut it "
+            "(max_cost, max_fan_out).",
+            ["pool", "call", "limit"],
+            registry=r,
+        )
         self.expert_healthy = Gauge(
             "chorus_expert_healthy",
             "1 when the expert is loaded and serving, else 0.",
@@ -129,3 +141,8 @@ class GatewayMetrics:
             ["result"],
             registry=r,
         )
+
+    def count_cuts(self, pool: str, cuts: Iterable[Cut]) -> None:
+        """What a request's budget cut, whether it was answered or refused."""
+        for cut in cuts:
+            self.budget_skips.labels(pool, cut.call, cut.limit).inc()

@@ -47,6 +47,7 @@ class Target:
     strategy: Strategy
     quality_weight: float = 1.0  # the pool's; a request may override it
     cost_aware: bool = False  # its router can trade accuracy for cost
+    max_fan_out: int | None = None  # the most model calls one request may make; None: no cap
 
 
 class Gateway:
@@ -89,6 +90,7 @@ class Gateway:
                 build_strategy(pool.strategy, partial(self._observe_step, name)),
                 pool.quality_weight,
                 isinstance(router, SemanticRouter) and router.cost_aware,
+                pool.max_fan_out,
             )
         self.costs = self._cost_models()
         for name in config.experts:

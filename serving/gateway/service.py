@@ -17,9 +17,16 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ensemble.budget import Budget
 from ensemble.errors import EngineError
 from ensemble.prompt_list import each_prompt
-from ensemble.toolcalls import ToolCallStream, allowed_calls, parse_tool_calls
+from ensemble.toolcalls import (
+    CallStream,
+    ToolCallReader,
+    allowed_calls,
+    allowed_deltas,
+    tool_reader,
+)
 from ensemble.types import (
     ChatMessage,
     EnsembleTrace,
@@ -50,6 +57,7 @@ from serving.api.responses import (
     tool_call_deltas,
 )
 from serving.api.validation import ChatRequest
+from serving.gateway.budgets import request_budget
 from serving.gateway.capabilities import able, check_strategy
 from serving.gateway.pools import Gateway, Target
 from serving.gateway.tracing import RequestSpans
@@ -81,6 +89,7 @@ class ChatCall:
     # Per expert and prompt (a list of raw prompts has several): the prompt tokens counted.
     prompt_seen: dict[tuple[str, int], int] = field(default_factory=dict)
     completion_tokens: Counter[str] = field(default_factory=Counter)  # per expert
+    budget: Budget | None = None  # the request's `max_cost` and the pool's `max_fan_out`
     outcome: int | None = None
 
     @property
@@ -132,21 +141,26 @@ class ChatCall:
 
     def chorus(self) -> dict[str, Any]:
         units = {m.unit for e, m in self.costs.items() if e in self.target.experts}
-        return self.trace.summaries() | {
-            "pool": self.target.model_id,
-            "strategy": self.target.strategy.name,
-            "experts": list(self.trace.experts),
-            "cluster": self.decision.cluster,
-            "ood": self.decision.ood,
-            "weights": list(self.trace.weights),
-            "cost": self.cost(),
-            "cost_unit": units.pop() if len(units) == 1 else None,
-            "usage": self.expert_usage(),
-            "timings": {
-                "route_ms": round(self.route_ms, 3),
-                "total_ms": round((time.perf_counter() - self.received) * 1000, 3),
-            },
-        }
+        budget = {} if self.budget is None else {"budget": self.budget.as_json(self.cost())}
+        return (
+            self.trace.summaries()
+            | budget
+            | {
+                "pool": self.target.model_id,
+                "strategy": self.target.strategy.name,
+                "experts": list(self.trace.experts),
+                "cluster": self.decision.cluster,
+                "ood": self.decision.ood,
+                "weights": list(self.trace.weights),
+                "cost": self.cost(),
+                "cost_unit": units.pop() if len(units) == 1 else None,
+                "usage": self.expert_usage(),
+                "timings": {
+                    "route_ms": round(self.route_ms, 3),
+                    "total_ms": round((time.perf_counter() - self.received) * 1000, 3),
+                },
+            }
+        )
 
     def usage(self) -> dict[str, int]:
         """Every expert's prompt and every generated token, the losing vote samples included."""
@@ -181,6 +195,7 @@ class ChatService:
         target = self._target(chat)
         if prompts:
             _check_raw_prompts(target)
+        budget = request_budget(self.gateway, target, chat.max_cost)
         route_start = time.perf_counter()
         messages = _routed_messages(chat, prompts)
         if spans is None:
@@ -197,9 +212,9 @@ class ChatService:
         overhead_ms = (time.perf_counter() - received) * 1000
         experts = ready if spans is None else spans.strategy_started(target.strategy.name, ready)
         if prompts:
-            stream = each_prompt(target.strategy, prompts, experts, trace)
+            stream = each_prompt(target.strategy, prompts, experts, trace, budget)
         else:
-            stream = target.strategy.run(chat.generation, experts, trace)
+            stream = target.strategy.run(chat.generation, experts, trace, budget)
         shaped: ResponseShape = (
             shape if shape is not None else ChatShape(chat.n, chat.logprobs, chat.pieces)
         )
@@ -208,6 +223,8 @@ class ChatService:
             first = await anext(stream)
         except BaseException as exc:
             await stream.aclose()
+            if budget is not None:  # no call to record them: a refusal's cuts are counted here
+                self.metrics.count_cuts(target.model_id, budget.skipped)
             if isinstance(exc, EngineError):
                 raise http_error(exc) from exc
             raise
@@ -227,6 +244,7 @@ class ChatService:
             first=first,
             rest=stream,
             costs=self.gateway.costs,
+            budget=budget,
         )
 
     def _target(self, chat: ChatRequest) -> Target:
@@ -341,11 +359,14 @@ class ChatService:
         logprobs: dict[int, list[TokenLogprob]] = {}
         pieces: dict[int, list[Piece]] = {}
         finish: dict[int, str] = {}
+        experts: dict[int, str] = {}  # who wrote each choice (a vote's winner, not its losers)
         async for chunk in self._chunks(call):
             if chunk.keepalive:
                 continue
             self._count(call, chunk)
             texts.setdefault(chunk.index, []).append(chunk.text)
+            if chunk.text:
+                experts.setdefault(chunk.index, chunk.expert)
             logprobs.setdefault(chunk.index, []).extend(chunk.logprobs)
             pieces.setdefault(chunk.index, []).extend(_pieces(chunk))
             if chunk.finish_reason:
@@ -355,7 +376,7 @@ class ChatService:
             text: str | None = "".join(texts.get(i, []))
             calls: list[ToolCall] = []
             if call.chat.generation.calls_tools and text:
-                text, calls = parse_tool_calls(text)
+                text, calls = self._tool_reader(call, experts[i]).parse(text)
                 calls = allowed_calls(calls, call.chat.generation.parallel_tool_calls)
             reason = "tool_calls" if calls else finish.get(i, "stop")
             lp, pcs = tuple(logprobs.get(i, [])), tuple(pieces.get(i, []))
@@ -380,33 +401,36 @@ class ChatService:
             # A choice's finishing chunk carries the `chorus` object, so it waits for the
             # strategy's end: token-level strategies complete their trace as they finish.
             finishing: list[GenerationChunk] = []
-            # With tools, a choice's text goes through a Hermes reader: content streams, a
-            # call is held until its sample ends, then sent as `tool_calls` fragments.
-            readers = (
-                {i: ToolCallStream() for i in range(call.chat.n)}
-                if call.chat.generation.calls_tools
-                else {}
-            )
+            # With tools, a choice's text goes through its expert's tool-call reader
+            # (`ensemble.toolcalls`): content streams, calls go out as `tool_calls` fragments.
+            readers: dict[int, CallStream] = {}
+            called: set[int] = set()  # the choices that made a call
+            parallel = call.chat.generation.parallel_tool_calls
             async for chunk in self._chunks(call, deadline_s):
                 if chunk.keepalive:
                     yield SSE_KEEPALIVE
                     continue
                 self._count(call, chunk)
-                reader = readers.get(chunk.index)
-                if reader is not None:
-                    text = reader.push(chunk.text)
-                    calls: list[ToolCall] = []
+                if call.chat.generation.calls_tools and _written(chunk):
+                    reader = readers.get(chunk.index)
+                    if reader is None:
+                        reader = self._tool_reader(call, chunk.expert).stream()
+                        readers[chunk.index] = reader
+                    out = reader.push(chunk.text, chunk.token_ids)
+                    text, fragments = out.content, list(out.calls)
                     if chunk.finish_reason is not None:
-                        tail, calls = reader.finish()
-                        text += tail
-                        calls = allowed_calls(calls, call.chat.generation.parallel_tool_calls)
+                        tail = reader.finish()
+                        text, fragments = text + tail.content, fragments + list(tail.calls)
+                    fragments = allowed_deltas(fragments, parallel)
                     if text or (chunk.logprobs and call.chat.logprobs):
                         piece = replace(chunk, text=text, finish_reason=None)
                         yield sse(envelope.chunk([self._delta(call, piece)]))
-                    for delta in tool_call_deltas(calls):
+                    for delta in tool_call_deltas(fragments):
                         yield sse(envelope.chunk([delta_choice(chunk.index, delta)]))
+                    if fragments:
+                        called.add(chunk.index)
                     if chunk.finish_reason is not None:
-                        reason = "tool_calls" if calls else chunk.finish_reason
+                        reason = "tool_calls" if chunk.index in called else chunk.finish_reason
                         finishing.append(replace(chunk, text="", logprobs=(), finish_reason=reason))
                 elif chunk.finish_reason is not None:
                     finishing.append(chunk)
@@ -427,10 +451,20 @@ class ChatService:
             yield sse(error.to_dict())
         yield SSE_DONE
 
+    def _tool_reader(self, call: ChatCall, expert: str) -> ToolCallReader:
+        """How the expert that wrote a choice reads its tool calls (`ensemble.toolcalls`)."""
+        return tool_reader(self.gateway.engines.get(expert), call.chat.generation)
+
     def _delta(self, call: ChatCall, chunk: GenerationChunk) -> dict[str, Any]:
         return call.shape.delta(
             chunk.index, chunk.text, chunk.finish_reason, chunk.logprobs, _pieces(chunk)
         )
+
+
+def _written(chunk: GenerationChunk) -> bool:
+    """A chunk of a choice's own output (text, logprobs or its end), not one that only
+    accounts for tokens (of samples that lost a vote)."""
+    return bool(chunk.text or chunk.logprobs or chunk.finish_reason is not None)
 
 
 def _pieces(chunk: GenerationChunk) -> tuple[Piece, ...]:

@@ -139,6 +139,8 @@ class RequestScope:
             m.expert_failures.labels(expert).inc()
         if call.trace.failed and status == 200:
             m.fallbacks.labels(pool).inc()
+        if call.budget is not None:
+            m.count_cuts(pool, call.budget.skipped)
         if (vote := call.trace.vote) is not None:
             m.vote_agreement.labels(pool).observe(vote.agreement)
             if vote.escalated:

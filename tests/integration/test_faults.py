@@ -73,9 +73,15 @@ def staller() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def gateway(staller: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     path = tmp_path_factory.mktemp("faults") / "c.yaml"
+    # Priced in credits (for `max_cost`): SmolLM2 1 a token; the staller nothing; `dear-staller`
+    # (the same upstream) 1000 a prompt token; `unpriced` has no cost at all.
+    remote = f"engine: openai, base_url: {staller}/v1, model: staller, retries: 0"
     path.write_text(
         "experts:\n"
-        "  smollm2-135m-instruct: {model: bundled:smollm2-135m-instruct, max_model_len: 2048}\n"
+        "  smollm2-135m-instruct:\n"
+        "    model: bundled:smollm2-135m-instruct\n"
+        "    max_model_len: 2048\n"
+        "    price: {prompt: 1000000, completion: 1000000, unit: credits}\n"
         "  staller:\n"
         "    engine: openai\n"
         f"    base_url: {staller}/v1\n"
@@ -83,12 +89,19 @@ def gateway(staller: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "    retries: 0\n"
         "    first_token_timeout_s: 2\n"
         "    token_timeout_s: 1\n"
+        "    price: {prompt: 0, completion: 0, unit: credits}\n"
+        f"  dear-staller: {{{remote}, price: {{prompt: 1.0e+9, completion: 0, unit: credits}}}}\n"
+        f"  unpriced: {{{remote}}}\n"
         "pools:\n"
         "  single: {experts: [staller, smollm2-135m-instruct]}\n"
+        "  once: {experts: [staller, smollm2-135m-instruct], max_fan_out: 1}\n"
         "  vote:\n"
         "    experts: [staller, smollm2-135m-instruct]\n"
         "    strategy: {type: vote, samples: 3, keepalive_s: 0.5}\n"
         "  fuse: {experts: [smollm2-135m-instruct, staller], strategy: fuse}\n"
+        "  cascade:\n"
+        "    experts: [smollm2-135m-instruct, dear-staller]\n"
+        "    strategy: {type: cascade, draft: dear-staller}\n"
     )
     srv = ServerProcess(path)
     try:
@@ -176,6 +189,77 @@ def test_fusion_carries_on_without_an_expert_that_stalls(gateway: ServerProcess)
     assert fused.model_extra["chorus"]["failed"] == ["staller"]
     # the staller never gave a view, so the answer is the other expert's own greedy one
     assert fused.choices[0].message.content == alone.choices[0].message.content
+
+
+# -- a budget under faults: fallbacks, cascades, a fan-out cap --------------------------------
+
+SMOLLM2 = "smollm2-135m-instruct"
+EARLY = [{"role": "user", "content": "Say hi (early)"}]  # the staller is silent from the start
+
+
+def smollm2_prompt_tokens(client: openai.OpenAI, messages: list[dict[str, str]]) -> int:
+    reply = client.chat.completions.create(model=SMOLLM2, messages=messages, max_tokens=1)
+    tokens: int = reply.model_extra["chorus"]["usage"][SMOLLM2]["prompt_tokens"]
+    return tokens
+
+
+def test_a_fallback_beyond_max_cost_is_not_taken_and_the_error_says_so(
+    gateway: ServerProcess,
+) -> None:
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+    worst = smollm2_prompt_tokens(client, EARLY) + 8  # credits: 1 a token, up to 8 written
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(
+            model="single", messages=EARLY, max_tokens=8, extra_body={"max_cost": worst - 0.5}
+        )
+    assert refused.value.status_code == 504  # the staller's timeout, and nothing after it
+    message = refused.value.body["message"]  # type: ignore[index]
+    assert "staller timed out" in message
+    assert f"the fallback to `{SMOLLM2}` was not taken" in message
+    assert metric(gateway, "chorus_budget_skips_total", pool="single", call="fallback") >= 1
+    # Enough for the fallback: the staller's failed call cost nothing reported, so it is taken.
+    raw = client.chat.completions.with_raw_response.create(
+        model="single", messages=EARLY, max_tokens=8, extra_body={"max_cost": worst + 0.5}
+    )
+    chorus = raw.parse().model_extra["chorus"]
+    assert chorus["failed"] == ["staller"] and chorus["experts"] == [SMOLLM2]
+    assert chorus["cost"] <= worst + 0.5 and chorus["budget"]["calls"] == 2
+    assert float(raw.headers["x-chorus-cost"]) == pytest.approx(chorus["cost"], rel=1e-5)
+
+
+def test_a_cascade_leaves_out_the_expert_it_cannot_pay(gateway: ServerProcess) -> None:
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    max_cost = smollm2_prompt_tokens(client, question) + 8 + 1  # not the draft's 3000 too
+    alone = client.chat.completions.create(
+        model=SMOLLM2, messages=question, max_tokens=8, temperature=0
+    )
+    cascaded = client.chat.completions.create(
+        model="cascade", messages=question, max_tokens=8, temperature=0,
+        extra_body={"max_cost": max_cost},
+    )  # fmt: skip
+    chorus = cascaded.model_extra["chorus"]
+    assert chorus["cascade"]["share"] == {SMOLLM2: 1.0} and chorus["cost"] <= max_cost
+    cut = chorus["budget"]["skipped"]
+    assert [(c["expert"], c["call"], c["limit"]) for c in cut] == [
+        ("dear-staller", "fan-out", "max_cost")
+    ]
+    assert cut[0]["worst_case"] >= 3000  # its three prompt tokens, counted by its /tokenize
+    assert cascaded.choices[0].message.content == alone.choices[0].message.content
+
+
+def test_a_fan_out_cap_of_one_takes_no_fallback(gateway: ServerProcess) -> None:
+    response = ask(gateway, "once", "Say hi (early)", max_tokens=8)
+    assert response.status_code == 504
+    assert "`max_fan_out` of 1 calls was used up" in response.json()["error"]["message"]
+    assert metric(gateway, "chorus_budget_skips_total", pool="once", limit="max_fan_out") >= 1
+
+
+def test_an_expert_without_costs_refuses_max_cost(gateway: ServerProcess) -> None:
+    response = ask(gateway, "unpriced", "Say hi", max_tokens=8, max_cost=1000)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "max_cost" and "`unpriced` has no price" in error["message"]
 
 
 # -- clients leaving --------------------------------------------------------------------------

@@ -17,6 +17,9 @@ def test_every_shipped_config_is_valid(path: Path) -> None:
     assert config.experts
 
 
+TWO = "experts: {a: {model: bundled:gemma3-270m}, b: {model: bundled:gemma3-270m}}\n"
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "chorus.yaml"
     path.write_text(text)
@@ -63,6 +66,28 @@ def write(tmp_path: Path, text: str) -> Path:
             "Field required",
         ),
         ("experts: [oops\n", "<top>", "not valid YAML"),
+        (
+            TWO + "pools: {p: {experts: [a], max_fan_out: 0}}\n",
+            "pools.p.max_fan_out",
+            "greater than or equal to 1",
+        ),
+        (TWO + "pools: {p: {experts: [a], max_fan_out: two}}\n", "pools.p.max_fan_out", "integer"),
+        (TWO + "pools: {p: {experts: [a], max_fan_out: 2.5}}\n", "pools.p.max_fan_out", "integer"),
+        (
+            TWO + "pools: {p: {experts: [a, b], strategy: vote, max_fan_out: 3}}\n",
+            "pools.p.max_fan_out",
+            "below the vote's 5 samples",
+        ),
+        (
+            TWO + "pools: {p: {experts: [a, b], strategy: fuse, max_fan_out: 1}}\n",
+            "pools.p.max_fan_out",
+            "at least two experts",
+        ),
+        (
+            TWO + "pools: {p: {experts: [a, b], strategy: cascade, max_fan_out: 1}}\n",
+            "pools.p.max_fan_out",
+            "at least two experts",
+        ),
     ],
 )
 def test_bad_config_names_file_key_and_reason(
@@ -74,6 +99,21 @@ def test_bad_config_names_file_key_and_reason(
     message = str(info.value)
     assert f"{path}: {key}: " in message
     assert reason in message
+
+
+def test_fan_out_caps_that_fit_their_pools_load(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            TWO + "pools:\n"
+            "  one: {experts: [a, b], max_fan_out: 1}\n"
+            "  vote: {experts: [a, b], strategy: vote, max_fan_out: 7}\n"
+            "  fuse: {experts: [a, b], strategy: fuse, max_fan_out: 2}\n"
+            "  plain: {experts: [a]}\n",
+        )
+    )
+    caps = {name: pool.max_fan_out for name, pool in config.pools.items()}
+    assert caps == {"one": 1, "vote": 7, "fuse": 2, "plain": None}
 
 
 def test_relative_model_folder_resolves_against_the_config_file(tmp_path: Path) -> None:

@@ -11,7 +11,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ensemble.structured import Constraint, canonical, canonical_reply, constraint_of, needs
-from ensemble.toolcalls import ToolCallStream, allowed_calls, parse_tool_calls
+from ensemble.toolcalls import (
+    HERMES,
+    CallDelta,
+    Streamed,
+    ToolCallStream,
+    allowed_calls,
+    allowed_deltas,
+    parse_tool_calls,
+    tool_reader,
+)
 from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
 from serving.api.errors import InvalidRequestError
 from serving.gateway.capabilities import able
@@ -57,20 +66,24 @@ def test_the_stream_reader_agrees_with_the_whole_reader_however_text_is_split(
     text = lead + CALL
     reader, sent, at = ToolCallStream(), "", 0
     for size in cuts:
-        sent += reader.push(text[at : at + size])
+        sent += reader.push(text[at : at + size]).content
         at += size
-    sent += reader.push(text[at:])
-    tail, calls = reader.finish()
+    sent += reader.push(text[at:]).content
+    tail = reader.finish()
     content, expected = parse_tool_calls(text)
-    assert sent + tail == (content or "")
-    assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in expected]
+    assert sent + tail.content == (content or "")
+    heads = [(f.name, f.id) for f in tail.calls if f.id is not None]
+    assert [name for name, _ in heads] == [c.name for c in expected]
+    assert all(call_id is not None and call_id.startswith("call_") for _, call_id in heads)
+    arguments = [f.arguments for f in tail.calls if f.id is None]
+    assert arguments == [c.arguments for c in expected]  # each call's arguments whole
 
 
 def test_the_stream_reader_holds_only_what_could_start_a_call() -> None:
     reader = ToolCallStream()
-    assert reader.push("a <tool") == "a "
-    assert reader.push("box>") == "<toolbox>"  # not a call after all
-    assert reader.finish() == ("", [])
+    assert reader.push("a <tool").content == "a "
+    assert reader.push("box>").content == "<toolbox>"  # not a call after all
+    assert reader.finish() == Streamed()
 
 
 def test_constraints_follow_tool_choice_then_response_format() -> None:
@@ -93,11 +106,11 @@ def test_constraints_follow_tool_choice_then_response_format() -> None:
 
 
 def test_votes_compare_canonical_json() -> None:
-    assert canonical_reply('{"b": 1, "a": [1, 2]}', False) == canonical_reply(
-        '{ "a":[1,2],"b":1 }', False
+    assert canonical_reply('{"b": 1, "a": [1, 2]}', None) == canonical_reply(
+        '{ "a":[1,2],"b":1 }', None
     )
-    assert canonical_reply("not json", False) is None
-    assert canonical_reply(CALL, True) == canonical([["get_weather", {"city": "Paris"}]])
+    assert canonical_reply("not json", None) is None
+    assert canonical_reply(CALL, HERMES) == canonical([["get_weather", {"city": "Paris"}]])
 
 
 def test_a_request_goes_only_to_experts_that_honour_what_it_uses() -> None:
@@ -117,3 +130,11 @@ def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
     _, calls = parse_tool_calls(CALL + CALL.replace("Paris", "Rome"))
     assert allowed_calls(calls, False) == calls[:1]
     assert allowed_calls(calls, None) == allowed_calls(calls, True) == calls
+    fragments = [CallDelta(0, "", "call_a", "f"), CallDelta(0, "{}"), CallDelta(1, "", "call_b")]
+    assert allowed_deltas(fragments, False) == fragments[:2]
+    assert allowed_deltas(fragments, None) == fragments
+
+
+def test_an_engine_without_a_reader_of_its_own_is_read_as_hermes() -> None:
+    assert tool_reader(FakeEngine("plain", ["x"]), REQUEST) is HERMES
+    assert tool_reader(None, REQUEST) is HERMES

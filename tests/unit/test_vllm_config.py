@@ -68,3 +68,55 @@ def test_dynamic_weighting_over_vllm_needs_whole_distributions_at_load(tmp_path:
         load_config(pool("{max_model_len: 2048}"))
     assert "experts.small.engine_args.max_logprobs: pool 'd' uses `dynamic`" in str(info.value)
     load_config(pool("{max_logprobs: -1}"))
+
+
+def tool_parser_config(tmp_path: Path, line: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "experts:\n"
+        "  coder:\n"
+        "    engine: vllm\n"
+        "    model: bundled:qwen2.5-coder-0.5b-instruct\n"
+        f"{line}"
+    )
+    return path
+
+
+def test_the_tool_parser_is_hermes_unless_the_config_names_another(tmp_path: Path) -> None:
+    default = load_config(tool_parser_config(tmp_path, "")).experts["coder"]
+    assert isinstance(default, VllmExpertConfig) and default.tool_parser == "hermes"
+    named = load_config(tool_parser_config(tmp_path, "    tool_parser: pythonic\n"))
+    expert = named.experts["coder"]
+    assert isinstance(expert, VllmExpertConfig) and expert.tool_parser == "pythonic"
+
+
+@pytest.mark.parametrize(("name", "hint"), [("hermess", "did you mean 'hermes'?"), ("qwen", "")])
+def test_a_tool_parser_vllm_does_not_have_is_refused_with_file_key_and_reason(
+    tmp_path: Path, name: str, hint: str
+) -> None:
+    path = tool_parser_config(tmp_path, f"    tool_parser: {name}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: experts.coder.tool_parser: ")
+    assert f"unknown vLLM tool parser {name!r} ({hint}" in message
+    known = message.split("vLLM has: ")[1].rstrip(")").split(", ")
+    assert "hermes" in known and "pythonic" in known  # the names it does have
+    assert "Traceback" not in message
+
+
+def test_check_config_refuses_an_unknown_tool_parser(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tool_parser_config(tmp_path, "    tool_parser: hermes3\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "serving", "check-config", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert f"{path}: experts.coder.tool_parser: " in done.stderr
+    assert "unknown vLLM tool parser 'hermes3' (did you mean 'hermes'?" in done.stderr
+    assert "Traceback" not in done.stderr

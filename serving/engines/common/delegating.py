@@ -5,10 +5,13 @@ the base of the per-expert timeouts (`supervised.py`) and of a traced request's 
 from __future__ import annotations
 
 from ensemble.engine import Engine, SessionEngine
+from ensemble.toolcalls import ToolCallReader, tool_reader
+from ensemble.types import GenerationRequest
 
 
 class DelegatingEngine:
-    """`engine`'s name, readiness, window, honoured fields and lifecycle, as they are."""
+    """`engine`'s name, readiness, window, honoured fields, tool-call reader, prompt counts and
+    lifecycle, as they are."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -27,6 +30,19 @@ class DelegatingEngine:
         """The structured fields the engine honours (`serving.gateway.capabilities`)."""
         value: frozenset[str] = getattr(self.engine, "honours", frozenset())
         return value
+
+    def tool_reader(self, request: GenerationRequest) -> ToolCallReader:
+        """How the engine reads tool calls (`ensemble.toolcalls`)."""
+        return tool_reader(self.engine, request)
+
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        """The engine's count of a prompt's tokens before answering (`ensemble.budget`); None
+        where it has no way to count."""
+        count = getattr(self.engine, "count_prompt_tokens", None)
+        if count is None:
+            return None
+        tokens: int | None = await count(request)
+        return tokens
 
     async def start(self) -> None:
         await self.engine.start()

@@ -25,7 +25,7 @@ import aiohttp
 from ensemble.engine import DecodeSession
 from ensemble.errors import ExpertFailed, ExpertUnavailable
 from ensemble.structured import STRUCTURED
-from ensemble.toolcalls import CALL_CLOSE, CALL_OPEN
+from ensemble.toolcalls import CALL_CLOSE, CALL_OPEN, HERMES, ToolCallReader
 from ensemble.types import (
     ChatMessage,
     FinishReason,
@@ -38,13 +38,20 @@ from serving.config import OpenAIExpertConfig
 from serving.engines.common.prompts import stop_strings
 from serving.engines.openai.http import (
     RETRYABLE,
+    NotServed,
     Retryable,
     client_error,
     field_object,
     open_client,
+    post_json,
     reading,
 )
-from serving.engines.openai.session import TokenTexts, open_remote_session
+from serving.engines.openai.session import (
+    TokenTexts,
+    open_remote_session,
+    server_root,
+    tokenized,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +87,12 @@ class RemoteOpenAIEngine:
     def default_stop(self) -> tuple[str, ...]:
         return self.config.stop
 
+    def tool_reader(self, request: GenerationRequest) -> ToolCallReader:
+        """Chorus's Hermes reader: the server parsed the calls its own way, and they come back
+        as Hermes text (`_hermes`)."""
+        del request
+        return HERMES
+
     async def open_session(self, request: GenerationRequest) -> DecodeSession:
         """A decode session through `/v1/completions` (`openai.session`)."""
         if self._client is None:
@@ -89,6 +102,27 @@ class RemoteOpenAIEngine:
         return await open_remote_session(
             self.name, self.config, self._client, self._token_texts, request
         )
+
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        """The prompt's tokens as the server counts them: vLLM's `POST /tokenize` (beside
+        `/v1`) with what `generate` sends as the prompt. None where the server has no
+        `/tokenize` (it is not vLLM): it cannot say before answering."""
+        if self._client is None:
+            raise ExpertUnavailable(f"expert {self.name} is not started")
+        body: dict[str, Any] = {"model": self.config.model}
+        if request.prompt is not None:
+            body["prompt"] = request.prompt
+        else:
+            body["messages"] = [_message(m) for m in request.messages]
+            body["add_generation_prompt"] = True
+            if request.tools:
+                body["tools"] = list(request.tools)
+        url = f"{server_root(self.base_url)}/tokenize"
+        try:
+            ids = await post_json(self._client, self.config, self.name, url, body, tokenized)
+        except NotServed:
+            return None
+        return len(ids)
 
     def _headers(self) -> dict[str, str]:
         env = self.config.api_key_env

@@ -45,6 +45,11 @@ def open_client(config: OpenAIExpertConfig, headers: dict[str, str]) -> aiohttp.
     )
 
 
+class NotServed(ExpertFailed):
+    """The server has no such endpoint (404, 405): e.g. `/tokenize` on a server that is not
+    vLLM."""
+
+
 def client_error(name: str, status: int, text: str) -> EngineError:
     """A 4xx answer as the error to raise: 400 is the client's request, as the expert judged it."""
     try:
@@ -53,6 +58,8 @@ def client_error(name: str, status: int, text: str) -> EngineError:
         message = text[:500]
     if status == 400:
         return RequestRejected(message)
+    if status in (404, 405):
+        return NotServed(f"expert {name} refused the request (HTTP {status}): {message}")
     return ExpertFailed(f"expert {name} refused the request (HTTP {status}): {message}")
 
 

@@ -198,7 +198,7 @@ class TokenTexts:
         self.requests += 1
         body = {"model": self.config.model, "prompt": text, "add_special_tokens": False}
         url = f"{self.root}/tokenize"
-        return await post_json(self.client, self.config, self.name, url, body, _tokenized)
+        return await post_json(self.client, self.config, self.name, url, body, tokenized)
 
 
 async def open_remote_session(
@@ -221,7 +221,7 @@ async def open_remote_session(
         name,
         f"{texts.root}/tokenize",
         body,
-        lambda out: (_tokenized(out), int(out.get("max_model_len") or config.context_window)),
+        lambda out: (tokenized(out), int(out.get("max_model_len") or config.context_window)),
     )
     max_tokens = request.params.max_tokens
     room = check_room(window, len(prompt_ids), max_tokens)
@@ -355,7 +355,7 @@ class RemoteSession:
 # wrong kind raises there, and comes out as the expert's failure.
 
 
-def _tokenized(out: Any) -> list[int]:
+def tokenized(out: Any) -> list[int]:
     """`/tokenize`: the token ids."""
     tokens = out["tokens"]
     if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):

