@@ -16,6 +16,7 @@ padded layout is the same window over each row's own tokens. Other layer kinds a
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -162,3 +163,40 @@ class PaddedBatch:
                 layer.cumulative_length -= drop
                 start = keys.shape[-2] - min(keys.shape[-2], layer.cumulative_length)
             layer.keys, layer.values = keys[:, :, start:, :], values[:, :, start:, :]
+
+
+def gather(caches: Sequence[Any], lengths: Sequence[int]) -> PaddedBatch:
+    """One batch over the KV caches of separate sequences (`lengths`: the tokens each holds),
+    left-padded as `PaddedBatch.extend` pads; the caches themselves are left as they are."""
+    for cache in caches:
+        _check_layers(cache)
+    length = max(lengths)
+    merged = copy.copy(caches[0])
+    merged.layers = [copy.copy(layer) for layer in caches[0].layers]
+    for j, layer in enumerate(merged.layers):
+        column = [cache.layers[j] for cache in caches]
+        stored = max(own.keys.shape[-2] for own in column)
+        layer.keys = torch.cat([_left_pad(own.keys, stored, -2) for own in column])
+        layer.values = torch.cat([_left_pad(own.values, stored, -2) for own in column])
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            layer.cumulative_length = length
+    batch = PaddedBatch()
+    batch.cache = merged
+    batch.mask = torch.stack(
+        [_left_pad(torch.ones(n, dtype=torch.long), length, 0) for n in lengths]
+    )
+    batch.positions = torch.tensor(list(lengths), dtype=torch.long)
+    return batch
+
+
+def scatter(batch: PaddedBatch, caches: Sequence[Any]) -> None:
+    """Give each of the caches `gather` took its row of `batch` back, without the padding."""
+    lengths = batch.positions.tolist()
+    for j, layer in enumerate(batch.cache.layers):
+        for row, (cache, n) in enumerate(zip(caches, lengths, strict=True)):
+            own = cache.layers[j]
+            keep = min(n, layer.keys.shape[-2])  # a sliding layer stores only its window
+            own.keys = layer.keys[row : row + 1, :, -keep:, :]
+            own.values = layer.values[row : row + 1, :, -keep:, :]
+            if isinstance(own, DynamicSlidingWindowLayer):
+                own.cumulative_length = n

@@ -9,8 +9,9 @@ request's `n` samples are `n` rows that share its prefill. Each request samples 
 with its own temperature, top-p, seeded generator and logprobs, so its output does not depend on
 what shares the batch. Finished rows, and the rows of a closed stream (a client that left), are
 dropped before the next forward. Chunks reach each request's async generator through an asyncio
-queue (`loop.call_soon_threadsafe`). Decode sessions (token-level fusion) stay outside the
-batch: their calls are separate jobs on the same worker, between the scheduler's ticks.
+queue (`loop.call_soon_threadsafe`). Decode sessions (token-level fusion) keep their own caches:
+their calls are jobs on the same worker, between the scheduler's ticks, and the views that
+concurrent sessions ask for meanwhile are computed in one batched forward (`views`).
 
 transformers' own continuous batching (`generate_batch`, `ContinuousBatchingManager`) was not
 used: its sampling settings are one generation config for the whole manager (no per-request
@@ -61,6 +62,7 @@ from serving.engines.transformers.grammar import Grammars, RowMasks
 from serving.engines.transformers.sampling import logprobs_of, sample
 from serving.engines.transformers.session import TransformersSession
 from serving.engines.transformers.text import SampleText
+from serving.engines.transformers.views import SessionViews
 from serving.models import bundled
 
 logger = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ class TransformersEngine:
         self._grammars: Grammars | None = None
         self.honours: frozenset[str] = frozenset()  # known once loaded
         self._scheduler = _Scheduler(self)
+        self._views = SessionViews(self._executor, _single_threaded)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -97,6 +100,11 @@ class TransformersEngine:
     @property
     def context_window(self) -> int:
         return self._context_window
+
+    @property
+    def session_rows_batched(self) -> int:
+        """Decode-session steps run in one forward with other sessions' so far."""
+        return self._views.rows_together
 
     @property
     def vocabulary(self) -> str:
@@ -118,6 +126,7 @@ class TransformersEngine:
     async def aclose(self) -> None:
         self._model = None
         self._scheduler.abort(ExpertUnavailable(f"expert {self.name} was shut down"))
+        self._views.abort(ExpertUnavailable(f"expert {self.name} was shut down"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _load(self) -> None:
@@ -151,6 +160,7 @@ class TransformersEngine:
         renders_tools = template_renders_tools(template or tokenizer.chat_template)
         self.honours = frozenset({RESPONSE_FORMAT, *([TOOLS] if renders_tools else [])})
         self._model = model
+        self._views.model = model
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -233,30 +243,38 @@ def _single_threaded(work: Callable[[], T]) -> T:
 
 
 class _AsyncSession:
-    """The event-loop side of a `TransformersSession`: every call is a job on the worker."""
+    """The event-loop side of a `TransformersSession`: every call is a job on the worker.
+
+    Text the session is given (`extend`, `extend_ids`) is only tokenization: it waits here and
+    goes with the session's next job, so a fusion step costs one trip to the worker, not two.
+    """
 
     def __init__(self, engine: TransformersEngine, session: TransformersSession) -> None:
         self.expert = engine.name
         self.prompt_tokens = session.prompt_len
         self._engine = engine
         self._session = session
+        self._unsent: list[tuple[str, list[int]]] = []
+
+    def _take(self) -> list[tuple[str, list[int]]]:
+        unsent, self._unsent = self._unsent, []
+        return unsent
 
     async def top_k(self, k: int, *, full: bool = False) -> NextTokens:
-        return await self._engine._run_session(self._session.top_k, k, full)
+        return await self._engine._views.top_k(self._session, self._take(), k, full)
 
     async def extend(self, text: str) -> None:
-        await self._engine._run_session(self._session.extend, text)
+        self._unsent.append((text, []))
 
     async def extend_ids(self, ids: tuple[int, ...], text: str) -> None:
-        await self._engine._run_session(self._session.extend_ids, list(ids), text)
+        self._unsent.append((text, list(ids)))
 
     async def draft(self, n: int, k: int) -> list[NextTokens]:
-        return await self._engine._run_session(self._session.draft, n, k)
+        return await self._engine._run_session(self._session.draft, self._take(), n, k)
 
     async def prefetch(self, pieces: Sequence[tuple[str, tuple[int, ...]]]) -> None:
-        await self._engine._run_session(
-            self._session.prefetch, [(t, list(ids)) for t, ids in pieces]
-        )
+        ahead = [(text, list(ids)) for text, ids in pieces]
+        await self._engine._run_session(self._session.prefetch, self._take(), ahead)
 
     async def aclose(self) -> None:
         with contextlib.suppress(RuntimeError):  # the engine was shut down meanwhile

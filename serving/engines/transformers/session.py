@@ -14,7 +14,7 @@ exact entropy, so that a cascade `threshold` means the same for an expert here a
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from contextlib import closing
 from functools import partial
 from typing import Any
@@ -40,6 +40,7 @@ class TransformersSession:
         # a look-ahead computed ahead of the chosen text (`draft`, `prefetch`).
         self.ahead: dict[int, torch.Tensor] = {}
         self.recrops = 0  # times the tokenization changed under the cache (for diagnostics)
+        self.closed = False
 
     @property
     def ids(self) -> list[int]:
@@ -56,16 +57,25 @@ class TransformersSession:
         so the session follows the model's own greedy path token for token."""
         self.answer.add_ids(ids, text)
 
+    def give(self, pieces: Sequence[tuple[str, list[int]]]) -> None:
+        """Append chosen pieces in order: text (`extend`), or the model's own ids (`extend_ids`)."""
+        for text, ids in pieces:
+            if ids:
+                self.extend_ids(ids, text)
+            else:
+                self.extend(text)
+
     # -- candidates out ----------------------------------------------------------------------
 
     # -- looking ahead (speculative fusion) ------------------------------------------------
 
     @torch.inference_mode()
-    def draft(self, n: int, k: int) -> list[NextTokens]:
-        """The views along this model's own greedy path for up to `n` pieces from the current
-        text, the path's logits kept for later `top_k` calls, the text left as it was. The path
-        takes each view's top candidate, as a lone expert's greedy step does, and ends at the
-        end of sequence."""
+    def draft(self, given: Sequence[tuple[str, list[int]]], n: int, k: int) -> list[NextTokens]:
+        """After the `given` pieces (`give`), the views along this model's own greedy path for up
+        to `n` pieces from the current text, the path's logits kept for later `top_k` calls, the
+        text left as it was. The path takes each view's top candidate, as a lone expert's greedy
+        step does, and ends at the end of sequence."""
+        self.give(given)
         saved = self.answer.snapshot()
         views: list[NextTokens] = []
         try:
@@ -81,11 +91,15 @@ class TransformersSession:
         return views
 
     @torch.inference_mode()
-    def prefetch(self, pieces: list[tuple[str, list[int]]]) -> None:
-        """Compute, in one forward pass, the logits the coming `top_k` calls would ask for if
-        `pieces` (text, or this model's own ids) are appended: the guess is the tail tokenized as
-        `extend` and `extend_ids` would. Nothing changes what the session answers: a later
-        `top_k` whose tokens are not a prefix of the guess runs the model as before."""
+    def prefetch(
+        self, given: Sequence[tuple[str, list[int]]], pieces: list[tuple[str, list[int]]]
+    ) -> None:
+        """After the `given` pieces (`give`), compute, in one forward pass, the logits the coming
+        `top_k` calls would ask for if `pieces` (text, or this model's own ids) are appended: the
+        guess is the tail tokenized as `extend` and `extend_ids` would. Nothing changes what the
+        session answers: a later `top_k` whose tokens are not a prefix of the guess runs the
+        model as before."""
+        self.give(given)
         saved = self.answer.snapshot()
         try:
             for text, ids in pieces:
@@ -147,18 +161,33 @@ class TransformersSession:
             common += 1
         return common
 
-    def _sync(self) -> torch.Tensor:
-        """Bring the cache up to `ids`; return the logits for the next token (computed ahead
-        where a draft or a look-ahead went this way)."""
+    def unfed(self) -> list[int]:
+        """Crop the cache to what still holds for `ids`; return the ids to run before the next
+        view (none when its logits are at hand: computed ahead by a draft or a look-ahead, or
+        by a batched step, `accept`)."""
         ids = self.ids
         common = self._common(ids)
-        if common < len(ids) or common not in self.ahead:
-            if common < len(self.cached):
-                self.recrops += common < len(ids)  # the tokens changed, not a look-ahead unused
-                self._crop_to(common)
-            if len(self.cached) == len(ids):
-                self._crop_to(len(ids) - 1)  # recompute the last position's logits
-            self._feed(ids[len(self.cached) :])
+        if common == len(ids) and common in self.ahead:
+            return []
+        if common < len(self.cached):
+            self.recrops += common < len(ids)  # the tokens changed, not a look-ahead unused
+            self._crop_to(common)
+        if len(self.cached) == len(ids):
+            self._crop_to(len(ids) - 1)  # recompute the last position's logits
+        return ids[len(self.cached) :]
+
+    def accept(self, token: int, logits: torch.Tensor) -> None:
+        """Record a token run in a batch with other sessions (its cache row is already back in
+        `cache`, `batch.scatter`), and the logits after it."""
+        self.cached.append(token)
+        self.ahead[len(self.cached)] = logits
+
+    def _sync(self) -> torch.Tensor:
+        """Bring the cache up to `ids`; return the logits for the next token."""
+        unfed = self.unfed()
+        if unfed:
+            self._feed(unfed)
+        ids = self.ids
         for passed in [n for n in self.ahead if n < len(ids)]:  # the text only grows
             del self.ahead[passed]
         return self.ahead[len(ids)]
@@ -199,5 +228,6 @@ class TransformersSession:
         self.cached = self.cached[:length]
 
     def close(self) -> None:
+        self.closed = True
         self.cache = None
         self.ahead = {}
