@@ -6,6 +6,13 @@ rolling window; while the window's mean exceeds `threshold` (nats), the strong e
 chooses the token, otherwise the draft's own choice stands. Both continue from the same text.
 If one of them fails, the other carries on alone. Under a budget (`ensemble.budget`) one whose
 session does not fit is left out from the start: the strong expert alone, or the draft alone.
+
+The strong expert catches up with the chosen text in the background while the draft decides, so
+its view is ready when it is next needed. With `draft_tokens` > 1 (and sessions that can look
+ahead), each round the draft expert goes ahead along its own greedy path, its views computed
+together; where its entropy window would pass the threshold, the strong expert's view is
+computed ahead over the drafted text in one pass; the steps then run exactly as above, reading
+what was computed ahead, until one chooses other than the draft (as in `ensemble.fuse`).
 """
 
 from __future__ import annotations
@@ -16,8 +23,18 @@ from collections.abc import AsyncGenerator, Sequence
 
 from ensemble.budget import Budget
 from ensemble.engine import Engine
-from ensemble.stepwise import Picker, StepObserver, Stepper, session_engines, sole_weights
+from ensemble.stepwise import (
+    DraftRounds,
+    Picker,
+    StepObserver,
+    Stepper,
+    greedy_top,
+    same_piece,
+    session_engines,
+    sole_weights,
+)
 from ensemble.types import (
+    Candidate,
     CascadeSummary,
     EnsembleTrace,
     GenerationChunk,
@@ -40,6 +57,7 @@ class CascadeStrategy:
         threshold: float = 1.0,
         candidates: int = 10,
         max_tokens: int = 256,
+        draft_tokens: int = 1,
         observer: StepObserver | None = None,
     ) -> None:
         self.draft = draft
@@ -47,6 +65,7 @@ class CascadeStrategy:
         self.threshold = threshold
         self.candidates = candidates
         self.max_tokens = max_tokens
+        self.draft_tokens = draft_tokens  # at most, per round; 1: step by step
         self.observer = observer
 
     def _order(self, experts: Sequence[Engine]) -> list[Engine]:
@@ -71,27 +90,60 @@ class CascadeStrategy:
         picker = Picker.of(request.params)
         stepper = await Stepper.open(engines, request, max_tokens, self.observer)
         recent: deque[float] = deque(maxlen=self.window)  # the draft's latest entropies
+        rounds = DraftRounds(self.draft_tokens)
         try:
             while not stepper.finished:
-                chunk = await self._step(stepper, picker, recent)
-                if chunk is not None:
-                    yield chunk
+                drafted = await self._lookahead(stepper, recent, rounds.length)
+                planned: list[Candidate | None] = [*drafted] or [None]  # None: one plain step
+                live = len(stepper.sessions)
+                accepted = 0
+                for piece in planned:
+                    chunk, chosen = await self._step(stepper, picker, recent)
+                    if chunk is not None:
+                        yield chunk
+                    if not same_piece(piece, chosen) or len(stepper.sessions) != live:
+                        break
+                    accepted += 1
+                    if stepper.finished:
+                        break
+                if drafted:
+                    rounds.add(len(drafted), accepted)
             for chunk in stepper.accounting():
                 yield chunk
         finally:
             await stepper.aclose()
-            self._record(trace, stepper, names)
+            self._record(trace, stepper, names, rounds)
+
+    async def _lookahead(
+        self, stepper: Stepper, recent: deque[float], length: int
+    ) -> list[Candidate]:
+        """A round's draft: the draft expert's greedy pieces up to the first step the strong
+        expert will decide (included), and the strong expert's view there computed ahead. None
+        without drafts, or with one expert left."""
+        if self.draft_tokens < 2 or len(stepper.sessions) < 2:
+            return []
+        views = await stepper.draft(length, self.candidates, len(stepper.sessions) - 1)
+        window = deque(recent, maxlen=self.window)
+        tops: list[Candidate] = []
+        for view in views:
+            window.append(view.entropy)
+            if sum(window) / len(window) > self.threshold:
+                await stepper.prefetch(0, "".join(top.text for top in tops))
+                return [*tops, greedy_top(view)]
+            tops.append(greedy_top(view))
+        return tops
 
     async def _step(
         self, stepper: Stepper, picker: Picker, recent: deque[float]
-    ) -> GenerationChunk | None:
+    ) -> tuple[GenerationChunk | None, Candidate | None]:
         """One step: the draft's view, and the strong expert's while the draft is unsure (its
-        recent entropies average above `threshold`); the one deciding takes its own choice."""
+        recent entropies average above `threshold`); the one deciding takes its own choice.
+        Returns what to stream and the piece chosen (None where the draft failed)."""
         started = time.perf_counter()
         draft = len(stepper.sessions) - 1  # 0 once either expert has failed
         draft_view = await stepper.try_view(draft, self.candidates)
         if draft_view is None:  # it failed and was dropped: the strong expert carries on alone
-            return None
+            return None, None
         recent.append(draft_view.entropy)
         views: list[NextTokens | None]
         if draft > 0 and sum(recent) / len(recent) > self.threshold:
@@ -103,7 +155,7 @@ class CascadeStrategy:
         chosen = picker.own(view)
         live = stepper.experts
         weights = sole_weights(live, chooser)
-        return stepper.choose(
+        chunk = stepper.choose(
             chosen,
             views,
             producer=live[chooser],
@@ -112,6 +164,9 @@ class CascadeStrategy:
             started=started,
             distribution=view.candidates,
         )
+        if chooser > 0 and not stepper.finished:  # the strong one catches up meanwhile
+            stepper.warm(0)
+        return chunk, chosen
 
     async def _escalated(self, stepper: Stepper, draft_view: NextTokens) -> list[NextTokens | None]:
         """The views for a step the strong expert decides: its own and the draft's. If it fails,
@@ -119,11 +174,13 @@ class CascadeStrategy:
         strong = await stepper.try_view(0, self.candidates)
         return [draft_view] if strong is None else [strong, draft_view]
 
-    def _record(self, trace: EnsembleTrace, stepper: Stepper, names: list[str]) -> None:
+    def _record(
+        self, trace: EnsembleTrace, stepper: Stepper, names: list[str], rounds: DraftRounds
+    ) -> None:
         """The trace: each expert's share of the pieces as its weight, those that failed, and
         the cascade summary."""
         shares = stepper.shares()
         trace.experts.extend(names)
         trace.weights.extend(shares[n] for n in names)
         trace.failed.extend(stepper.failed)
-        trace.cascade = CascadeSummary(names[-1], stepper.steps, shares)
+        trace.cascade = CascadeSummary(names[-1], stepper.steps, shares, rounds.acceptance)

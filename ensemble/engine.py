@@ -64,13 +64,16 @@ class LookaheadSession(DecodeSession, Protocol):
     `draft` gives the views along the expert's own greedy path for up to `n` pieces (each view's
     top candidate taken, until the end of sequence) without moving the session; `prefetch`
     computes in one pass what the coming `top_k` calls would ask for after `pieces` (text, or
-    the expert's own ids), without moving it either. Both only save work: every later `top_k`
+    the expert's own ids), without moving it either: the view after every piece, or with
+    `every` False only after the last (a catch-up). Both only save work: every later `top_k`
     answers exactly what it would have answered without them (up to floating-point rounding
     of a batched pass)."""
 
     async def draft(self, n: int, k: int) -> list[NextTokens]: ...
 
-    async def prefetch(self, pieces: Sequence[tuple[str, tuple[int, ...]]]) -> None: ...
+    async def prefetch(
+        self, pieces: Sequence[tuple[str, tuple[int, ...]]], *, every: bool = True
+    ) -> None: ...
 
 
 @runtime_checkable

@@ -36,7 +36,16 @@ from ensemble import fusion
 from ensemble.budget import Budget
 from ensemble.engine import Engine, SessionEngine
 from ensemble.errors import ExpertFailed
-from ensemble.stepwise import Picker, StepObserver, Stepper, session_engines, sole_weights
+from ensemble.stepwise import (
+    DraftRounds,
+    Picker,
+    StepObserver,
+    Stepper,
+    greedy_top,
+    same_piece,
+    session_engines,
+    sole_weights,
+)
 from ensemble.types import (
     Candidate,
     EnsembleTrace,
@@ -56,14 +65,6 @@ class _Tally:
     weight_sums: dict[str, float]  # each expert's weights summed over the fused steps
     fused: int = 0  # steps the experts' views were fused
     gated: int = 0  # steps the primary decided alone while others were live
-    drafted: int = 0  # pieces the primary drafted (speculative rounds)
-    accepted: int = 0  # drafted pieces chosen as drafted
-    rounds: int = 0
-
-    def add_round(self, drafted: int, accepted: int) -> None:
-        self.rounds += 1
-        self.drafted += drafted
-        self.accepted += accepted
 
     def add_fused(self, weights: Mapping[str, float]) -> None:
         self.fused += 1
@@ -112,10 +113,10 @@ class FusionStrategy:
         picker = Picker.of(request.params)
         stepper = await Stepper.open(engines, request, max_tokens, self.observer)
         tally = _Tally(dict.fromkeys((e.name for e in engines), 0.0))
-        length = min(4, self.draft_tokens)
+        rounds = DraftRounds(self.draft_tokens)
         try:
             while not stepper.finished:
-                draft = await self._draft(stepper, length)
+                draft = await self._draft(stepper, rounds.length)
                 planned: list[Candidate | None] = [*draft] or [None]  # None: one plain step
                 primary = stepper.sessions[0]
                 accepted = 0
@@ -123,20 +124,18 @@ class FusionStrategy:
                     chunk, chosen = await self._step(stepper, picker, tally)
                     if chunk is not None:
                         yield chunk
-                    if not _same(piece, chosen) or stepper.sessions[0] is not primary:
+                    if not same_piece(piece, chosen) or stepper.sessions[0] is not primary:
                         break
                     accepted += 1
                     if stepper.finished:
                         break
                 if draft:
-                    tally.add_round(len(draft), accepted)
-                    full = accepted == len(draft)
-                    length = min(self.draft_tokens, length + 1 if full else max(2, accepted + 1))
+                    rounds.add(len(draft), accepted)
             for chunk in stepper.accounting():
                 yield chunk
         finally:
             await stepper.aclose()
-            self._record(trace, stepper, tally, engines)
+            self._record(trace, stepper, tally, rounds, engines)
 
     def _engines(self, experts: Sequence[Engine]) -> list[SessionEngine]:
         engines = session_engines(experts, self.name)
@@ -157,7 +156,7 @@ class FusionStrategy:
         if self.draft_tokens < 2 or len(stepper.sessions) < 2:
             return []
         views = await stepper.draft(length, self.candidates)
-        tops = [max(v.candidates, key=lambda c: c.logprob) for v in views]
+        tops = [greedy_top(v) for v in views]
         asked = [j for j, top in enumerate(tops) if not self._sure(top)]
         if asked and asked[-1] > 0:
             text = "".join(top.text for top in tops[: asked[-1]])
@@ -177,12 +176,12 @@ class FusionStrategy:
             if asked is None:  # the primary failed and was dropped: the next one leads now
                 return None, None
             primary, others = asked[0], asked[1:]
-            top = max(primary.candidates, key=lambda c: c.logprob)
+            top = greedy_top(primary)
         else:
             view = await stepper.try_view(0, self.candidates, full=self._full)
             if view is None:
                 return None, None
-            primary, top = view, max(view.candidates, key=lambda c: c.logprob)
+            primary, top = view, greedy_top(view)
             others = [] if self._alone(stepper, top) else (await self._ask(stepper, 1) or [])
         names = stepper.experts
         views: list[NextTokens | None]
@@ -236,7 +235,12 @@ class FusionStrategy:
         return [r for r in results if not isinstance(r, BaseException)]
 
     def _record(
-        self, trace: EnsembleTrace, stepper: Stepper, tally: _Tally, engines: Sequence[Engine]
+        self,
+        trace: EnsembleTrace,
+        stepper: Stepper,
+        tally: _Tally,
+        rounds: DraftRounds,
+        engines: Sequence[Engine],
     ) -> None:
         """The trace: each expert's mean weight over the fused steps, those that failed, and
         the fusion summary."""
@@ -253,7 +257,7 @@ class FusionStrategy:
             stepper.steps,
             stepper.shares(),
             round(tally.gated / steps, 4) if len(engines) > 1 else 0.0,
-            round(tally.accepted / tally.drafted, 4) if tally.drafted else None,
+            rounds.acceptance,
         )
 
     def _fuse(
@@ -308,11 +312,3 @@ class FusionStrategy:
         pool = [replace(c, logprob=math.log(p)) for c, p in zip(options, probs, strict=True)]
         return chosen, weights, names[int(np.argmax(credit))], pool
 
-
-def _same(drafted: Candidate | None, chosen: Candidate | None) -> bool:
-    """Whether a step chose the drafted piece."""
-    return (
-        drafted is not None
-        and chosen is not None
-        and (chosen.text, chosen.end) == (drafted.text, drafted.end)
-    )

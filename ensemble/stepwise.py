@@ -179,15 +179,15 @@ class Stepper:
             else:
                 await session.extend(text)
 
-    async def draft(self, n: int, k: int) -> list[NextTokens]:
-        """The primary's views along its own greedy path, up to `n` pieces (see
+    async def draft(self, n: int, k: int, i: int = 0) -> list[NextTokens]:
+        """Session `i`'s views along its own greedy path, up to `n` pieces (see
         `LookaheadSession.draft`); none when it cannot look ahead or fails (the step that
         follows asks it again, and leaves it out if it fails again)."""
-        session = self.sessions[0]
+        session = self.sessions[i]
         if not isinstance(session, LookaheadSession):
             return []
         try:
-            await self._catch_up(0)
+            await self._catch_up(i)
             return await session.draft(n, k)
         except ExpertFailed:
             return []
@@ -209,7 +209,8 @@ class Stepper:
             return
         pieces = self._merged(self._pending[i])
         if pieces:
-            self._warming[session.expert] = asyncio.create_task(_quietly(session.prefetch(pieces)))
+            catch_up = session.prefetch(pieces, every=False)
+            self._warming[session.expert] = asyncio.create_task(_quietly(catch_up))
 
     async def try_view(self, i: int, k: int, *, full: bool = False) -> NextTokens | None:
         """The view of session `i`, or None when its expert failed: it is dropped (see `drop`)."""
@@ -343,3 +344,42 @@ async def _quietly(work: Awaitable[None]) -> None:
     """Work done ahead: an expert's failure there shows when it is next asked."""
     with contextlib.suppress(ExpertFailed):
         await work
+
+
+def greedy_top(view: NextTokens) -> Candidate:
+    """A view's most likely piece: what a lone expert's greedy step takes."""
+    return max(view.candidates, key=lambda c: c.logprob)
+
+
+def same_piece(drafted: Candidate | None, chosen: Candidate | None) -> bool:
+    """Whether a step chose the drafted piece."""
+    return (
+        drafted is not None
+        and chosen is not None
+        and (chosen.text, chosen.end) == (drafted.text, drafted.end)
+    )
+
+
+@dataclass(slots=True)
+class DraftRounds:
+    """Speculative rounds: how long the next draft is, and how many drafted pieces were
+    chosen as drafted. The length follows the acceptance: one more after a round accepted
+    whole, one past the accepted pieces otherwise, between 2 and `most`."""
+
+    most: int  # 1: no drafts, step by step
+    length: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    def __post_init__(self) -> None:
+        self.length = min(4, self.most)
+
+    def add(self, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+        grown = self.length + 1 if accepted == drafted else max(2, accepted + 1)
+        self.length = min(self.most, grown)
+
+    @property
+    def acceptance(self) -> float | None:
+        return round(self.accepted / self.drafted, 4) if self.drafted else None

@@ -156,11 +156,13 @@ class FusionSummary:
 
 @dataclass(frozen=True, slots=True)
 class CascadeSummary:
-    """How a cascade went: its draft expert, steps taken, each expert's share of the pieces."""
+    """How a cascade went: its draft expert, steps taken, each expert's share of the pieces, and
+    the share of drafted pieces chosen as drafted (None without speculative rounds)."""
 
     draft: str
     steps: int
     share: dict[str, float]
+    draft_acceptance: float | None = None
 
 
 @dataclass(slots=True)

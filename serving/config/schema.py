@@ -230,6 +230,8 @@ class CascadeStrategyConfig(_Model):
     """Rolling mean of the draft's next-token entropy (nats) above which the strong one decides."""
     candidates: Annotated[int, Field(ge=1, le=50)] = 10
     max_tokens: Annotated[int, Field(ge=1)] = 256
+    draft_tokens: Annotated[int, Field(ge=1, le=32)] = 1
+    """The most pieces the draft expert goes ahead per round; 1: step by step."""
 
 
 StrategyConfig = Annotated[

@@ -135,5 +135,7 @@ class _TracedLookahead(_TracedSession):
         self.views += 1
         return await self._guard(self.session.draft(n, k))
 
-    async def prefetch(self, pieces: Sequence[tuple[str, tuple[int, ...]]]) -> None:
-        await self._guard(self.session.prefetch(pieces))
+    async def prefetch(
+        self, pieces: Sequence[tuple[str, tuple[int, ...]]], *, every: bool = True
+    ) -> None:
+        await self._guard(self.session.prefetch(pieces, every=every))

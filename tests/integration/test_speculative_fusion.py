@@ -1,9 +1,11 @@
 """Speculative fusion on the real bundled models: drafting and looking ahead change no output.
 
 The primary (SmolLM2) drafts, Gemma computes its views over the draft in one pass, and the steps
-read their views from what was computed ahead (`ensemble.fuse`). Every answer must be the one the
-step-by-step loop gives, greedy and sampled with a seed, gated or not, across tokenizers that cut
-the text differently and through characters that take several tokens.
+read their views from what was computed ahead (`ensemble.fuse`); a cascade's draft expert goes
+ahead likewise, the strong expert's view computed ahead where it will decide (`ensemble.cascade`).
+Every answer must be the one the step-by-step loop gives, greedy and sampled with a seed, gated
+or not, across tokenizers that cut the text differently and through characters that take several
+tokens.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from ensemble.cascade import CascadeStrategy
 from ensemble.fuse import FusionStrategy
 from ensemble.types import ChatMessage, EnsembleTrace, GenerationRequest, SamplingParams
 from serving.config import load_config
@@ -45,7 +48,9 @@ def experts() -> Iterator[list[TransformersEngine]]:
 
 
 def fused(
-    strategy: FusionStrategy, req: GenerationRequest, engines: list[TransformersEngine]
+    strategy: FusionStrategy | CascadeStrategy,
+    req: GenerationRequest,
+    engines: list[TransformersEngine],
 ) -> tuple[str, EnsembleTrace]:
     trace = EnsembleTrace()
 
@@ -73,3 +78,24 @@ def test_drafted_answers_are_the_step_by_step_ones(
         assert trace.fusion is not None
         rounds += trace.fusion.draft_acceptance is not None
     assert rounds == len(PROMPTS)  # every answer was drafted, not stepped
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_drafted_cascades_are_the_step_by_step_ones(
+    experts: list[TransformersEngine], temperature: float
+) -> None:
+    smollm2, gemma = experts
+    shares = []
+    for prompt in PROMPTS:
+        params = SamplingParams(max_tokens=16, temperature=temperature, seed=11)
+        req = GenerationRequest("t", (ChatMessage("user", prompt),), params)
+        step, draft = (
+            CascadeStrategy(draft=smollm2.name, window=2, threshold=1.0, draft_tokens=n)
+            for n in (1, 8)
+        )
+        stepwise, _ = fused(step, req, [gemma, smollm2])
+        drafted, trace = fused(draft, req, [gemma, smollm2])
+        assert drafted == stepwise, prompt
+        assert trace.cascade is not None and trace.cascade.draft_acceptance is not None
+        shares.append(trace.cascade.share[gemma.name])
+    assert 0 < sum(shares) < len(PROMPTS)  # the strong expert decided some steps, not all

@@ -93,8 +93,10 @@ class _SupervisedLookahead(_SupervisedSession):
         self._limit = self._owner.token_timeout_s
         return result
 
-    async def prefetch(self, pieces: Sequence[tuple[str, tuple[int, ...]]]) -> None:
-        await self._call(self.session.prefetch(pieces))
+    async def prefetch(
+        self, pieces: Sequence[tuple[str, tuple[int, ...]]], *, every: bool = True
+    ) -> None:
+        await self._call(self.session.prefetch(pieces, every=every))
 
 
 async def _within(work: Awaitable[T], seconds: float, expert: str, what: str) -> T:

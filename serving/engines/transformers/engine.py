@@ -272,9 +272,11 @@ class _AsyncSession:
     async def draft(self, n: int, k: int) -> list[NextTokens]:
         return await self._engine._run_session(self._session.draft, self._take(), n, k)
 
-    async def prefetch(self, pieces: Sequence[tuple[str, tuple[int, ...]]]) -> None:
+    async def prefetch(
+        self, pieces: Sequence[tuple[str, tuple[int, ...]]], *, every: bool = True
+    ) -> None:
         ahead = [(text, list(ids)) for text, ids in pieces]
-        await self._engine._run_session(self._session.prefetch, self._take(), ahead)
+        await self._engine._run_session(self._session.prefetch, self._take(), ahead, every)
 
     async def aclose(self) -> None:
         with contextlib.suppress(RuntimeError):  # the engine was shut down meanwhile

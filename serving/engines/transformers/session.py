@@ -92,13 +92,17 @@ class TransformersSession:
 
     @torch.inference_mode()
     def prefetch(
-        self, given: Sequence[tuple[str, list[int]]], pieces: list[tuple[str, list[int]]]
+        self,
+        given: Sequence[tuple[str, list[int]]],
+        pieces: list[tuple[str, list[int]]],
+        every: bool = True,
     ) -> None:
         """After the `given` pieces (`give`), compute, in one forward pass, the logits the coming
         `top_k` calls would ask for if `pieces` (text, or this model's own ids) are appended: the
         guess is the tail tokenized as `extend` and `extend_ids` would. Nothing changes what the
         session answers: a later `top_k` whose tokens are not a prefix of the guess runs the
-        model as before."""
+        model as before. Without `every`, only the last position's logits are kept (a catch-up:
+        the output layer is most of a small model's work per token)."""
         self.give(given)
         saved = self.answer.snapshot()
         try:
@@ -114,7 +118,7 @@ class TransformersSession:
         if common < len(self.cached):
             self._crop_to(common)
         if len(guess) > len(self.cached):
-            self._feed(guess[len(self.cached) :], keep_all=True)
+            self._feed(guess[len(self.cached) :], keep_all=every)
 
     @torch.inference_mode()
     def top_k(self, k: int, full: bool = False) -> NextTokens:
