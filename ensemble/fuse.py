@@ -311,4 +311,3 @@ class FusionStrategy:
         credit = [w * math.exp(d[token]) for w, d in zip(weights, dists, strict=True)]
         pool = [replace(c, logprob=math.log(p)) for c, p in zip(options, probs, strict=True)]
         return chosen, weights, names[int(np.argmax(credit))], pool
-
