@@ -99,19 +99,22 @@ class PaddedBatch:
 
     @torch.inference_mode()
     def step(self, model: Any, tokens: torch.Tensor) -> torch.Tensor:
-        """Append one token to every row (`tokens`: (rows,)); return next-token logits."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], dim=1)
+        """Append one token to every row (`tokens`: (rows,)), or as many to each (`tokens`:
+        (rows, m)); return the logits after each row's last."""
+        tokens = tokens if tokens.dim() == 2 else tokens[:, None]
+        added = tokens.shape[1]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, added)], dim=1)
         padded = bool((self.mask[:, 0] == 0).any())  # trimmed: column 0 is real for some row
         out = model(
-            input_ids=tokens[:, None].to(model.device),
+            input_ids=tokens.to(model.device),
             attention_mask=self.mask.to(model.device) if padded else None,
-            position_ids=self.positions[:, None].to(model.device),
+            position_ids=(self.positions[:, None] + torch.arange(added)).to(model.device),
             past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1,
         )
         self.cache = out.past_key_values
-        self.positions = self.positions + 1
+        self.positions = self.positions + added
         logits: torch.Tensor = out.logits[:, -1, :]
         return logits
 
@@ -165,28 +168,50 @@ class PaddedBatch:
             layer.keys, layer.values = keys[:, :, start:, :], values[:, :, start:, :]
 
 
-def gather(caches: Sequence[Any], lengths: Sequence[int]) -> PaddedBatch:
+def gather(caches: Sequence[Any], lengths: Sequence[int], drop: Sequence[int] = ()) -> PaddedBatch:
     """One batch over the KV caches of separate sequences (`lengths`: the tokens each holds),
-    left-padded as `PaddedBatch.extend` pads; the caches themselves are left as they are."""
+    left-padded as `PaddedBatch.extend` pads, without the last `drop[i]` positions of cache `i`
+    (to be run again in the step, so that rows feeding fewer tokens line up: see `can_drop`);
+    the caches themselves are left as they are."""
     for cache in caches:
         _check_layers(cache)
-    length = max(lengths)
+    drop = list(drop) or [0] * len(caches)
+    kept = [n - d for n, d in zip(lengths, drop, strict=True)]
+    length = max(kept)
     merged = copy.copy(caches[0])
     merged.layers = [copy.copy(layer) for layer in caches[0].layers]
     for j, layer in enumerate(merged.layers):
-        column = [cache.layers[j] for cache in caches]
-        stored = max(own.keys.shape[-2] for own in column)
-        layer.keys = torch.cat([_left_pad(own.keys, stored, -2) for own in column])
-        layer.values = torch.cat([_left_pad(own.values, stored, -2) for own in column])
+        column = [_without(cache.layers[j], d) for cache, d in zip(caches, drop, strict=True)]
+        stored = max(keys.shape[-2] for keys, _ in column)
+        layer.keys = torch.cat([_left_pad(keys, stored, -2) for keys, _ in column])
+        layer.values = torch.cat([_left_pad(values, stored, -2) for _, values in column])
         if isinstance(layer, DynamicSlidingWindowLayer):
             layer.cumulative_length = length
     batch = PaddedBatch()
     batch.cache = merged
-    batch.mask = torch.stack(
-        [_left_pad(torch.ones(n, dtype=torch.long), length, 0) for n in lengths]
-    )
-    batch.positions = torch.tensor(list(lengths), dtype=torch.long)
+    batch.mask = torch.stack([_left_pad(torch.ones(n, dtype=torch.long), length, 0) for n in kept])
+    batch.positions = torch.tensor(kept, dtype=torch.long)
     return batch
+
+
+def can_drop(cache: Any, positions: int) -> bool:
+    """Whether `gather` may leave out a cache's last `positions`: not from a sliding layer that
+    has already let positions go (the re-run ones would need them in their window)."""
+    return positions == 0 or all(
+        _stored(layer) == layer.cumulative_length
+        for layer in cache.layers
+        if isinstance(layer, DynamicSlidingWindowLayer)
+    )
+
+
+def _stored(layer: Any) -> int:
+    return int(layer.keys.shape[-2])
+
+
+def _without(layer: Any, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if positions == 0:
+        return layer.keys, layer.values
+    return layer.keys[..., :-positions, :], layer.values[..., :-positions, :]
 
 
 def scatter(batch: PaddedBatch, caches: Sequence[Any]) -> None:

@@ -276,7 +276,10 @@ class _AsyncSession:
         self, pieces: Sequence[tuple[str, tuple[int, ...]]], *, every: bool = True
     ) -> None:
         ahead = [(text, list(ids)) for text, ids in pieces]
-        await self._engine._run_session(self._session.prefetch, self._take(), ahead, every)
+        if every:
+            await self._engine._run_session(self._session.prefetch, self._take(), ahead)
+        else:  # a catch-up: it can run in a batch with other sessions'
+            await self._engine._views.catch_up(self._session, self._take(), ahead)
 
     async def aclose(self) -> None:
         with contextlib.suppress(RuntimeError):  # the engine was shut down meanwhile

@@ -104,21 +104,27 @@ class TransformersSession:
         model as before. Without `every`, only the last position's logits are kept (a catch-up:
         the output layer is most of a small model's work per token)."""
         self.give(given)
+        unfed = self.unfed_after(pieces)
+        if unfed:
+            self._feed(unfed, keep_all=every)
+
+    def run(self, ids: list[int]) -> None:
+        """Run `ids` after the cache, keeping only the logits after the last."""
+        self._feed(ids)
+
+    def unfed_after(self, pieces: Sequence[tuple[str, list[int]]]) -> list[int]:
+        """Crop the cache to what holds for the text after `pieces` (as `prefetch` guesses it);
+        return the ids to run to reach it."""
         saved = self.answer.snapshot()
         try:
-            for text, ids in pieces:
-                if ids:
-                    self.answer.add_ids(ids, text)
-                else:
-                    self.answer.extend(text, self._tokenize)
+            self.give(pieces)
             guess = list(self.ids)
         finally:
             self.answer.restore(saved)
         common = self._common(guess)
         if common < len(self.cached):
             self._crop_to(common)
-        if len(guess) > len(self.cached):
-            self._feed(guess[len(self.cached) :], keep_all=every)
+        return guess[len(self.cached) :]
 
     @torch.inference_mode()
     def top_k(self, k: int, full: bool = False) -> NextTokens:
@@ -180,10 +186,10 @@ class TransformersSession:
             self._crop_to(len(ids) - 1)  # recompute the last position's logits
         return ids[len(self.cached) :]
 
-    def accept(self, token: int, logits: torch.Tensor) -> None:
-        """Record a token run in a batch with other sessions (its cache row is already back in
-        `cache`, `batch.scatter`), and the logits after it."""
-        self.cached.append(token)
+    def accept(self, ids: list[int], logits: torch.Tensor) -> None:
+        """Record ids run in a batch with other sessions (its cache row is already back in
+        `cache`, `batch.scatter`), and the logits after the last."""
+        self.cached += ids
         self.ahead[len(self.cached)] = logits
 
     def _sync(self) -> torch.Tensor:
