@@ -4,11 +4,10 @@ Token-level fusion asks every expert's session for its view once per step, and l
 that sat a step out catch up in the background. When several requests fuse at once, their
 sessions on one engine mostly need the same work: a few more tokens run through their own KV
 cache. `SessionViews` collects the view and catch-up calls that arrive while the engine's worker
-is busy and answers them in one job: the sessions that need the same number of tokens (up to
-`MAX_TOKENS`) run together, in ONE forward over a batch gathered from their caches
-(`batch.gather`, `batch.scatter`); the others (a first prompt, a long re-tokenized tail) run
-alone, as they would without company. A view is then what `TransformersSession.top_k` gives
-with those logits.
+is busy and answers them in one job: the sessions that need up to `MAX_TOKENS` tokens run
+together, in ONE forward over a batch gathered from their caches (`batch.gather`,
+`batch.scatter`); the others (a first prompt, a long re-tokenized tail) run alone, as they would
+without company. A view is then what `TransformersSession.top_k` gives with those logits.
 """
 
 from __future__ import annotations
@@ -66,7 +65,7 @@ def _settle(call: _Call, result: NextTokens | BaseException | None) -> None:
 
 
 class SessionViews:
-    """One engine's queue of view calls; its jobs run on the engine's worker thread.
+    """One engine's queue of view and catch-up calls; its jobs run on the engine's worker thread.
 
     A batch stays within `MAX_PADDED_TOKENS` (rows x the longest row's length): the sessions
     that would pass it step in further batches of the same job.
@@ -111,11 +110,14 @@ class SessionViews:
             submit, self._scheduled = not self._scheduled, True
             self._arrived.notify()
         if submit:
-            try:
-                self._executor.submit(self._run, self._job)
-            except RuntimeError as exc:  # the engine was shut down meanwhile
-                self.abort(exc)
+            self._submit()
         return await future
+
+    def _submit(self) -> None:
+        try:
+            self._executor.submit(self._run, self._job)
+        except RuntimeError as exc:  # the engine was shut down meanwhile
+            self.abort(exc)
 
     def abort(self, error: BaseException) -> None:
         """Fail every waiting call with `error` (the engine is shutting down)."""
@@ -136,7 +138,7 @@ class SessionViews:
         finally:
             self._last_job_s = time.perf_counter() - started
             if later:
-                self._executor.submit(self._run, self._job)
+                self._submit()
 
     def _wait_for_returning(self, deadline: float) -> None:
         """Under the lock: give the sessions the last job answered until `deadline` to ask
