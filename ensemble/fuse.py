@@ -203,7 +203,9 @@ class FusionStrategy:
             started=started,
             distribution=pool,
         )
-        if not others and not stepper.finished:  # the others catch up while the primary works
+        if self.gate is not None and not stepper.finished:
+            # The others catch up while the primary works: if it is unsure next, their views
+            # are ready or on their way, not asked only after its own.
             for i in range(1, len(stepper.sessions)):
                 stepper.warm(i)
         return chunk, chosen
