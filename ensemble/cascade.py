@@ -20,6 +20,8 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from functools import partial
 
 from ensemble.budget import Budget
 from ensemble.engine import Engine
@@ -29,9 +31,9 @@ from ensemble.stepwise import (
     StepObserver,
     Stepper,
     greedy_top,
-    same_piece,
     session_engines,
     sole_weights,
+    speculative_steps,
 )
 from ensemble.types import (
     Candidate,
@@ -92,22 +94,15 @@ class CascadeStrategy:
         recent: deque[float] = deque(maxlen=self.window)  # the draft's latest entropies
         rounds = DraftRounds(self.draft_tokens)
         try:
-            while not stepper.finished:
-                drafted = await self._lookahead(stepper, recent, rounds.length)
-                planned: list[Candidate | None] = [*drafted] or [None]  # None: one plain step
-                live = len(stepper.sessions)
-                accepted = 0
-                for piece in planned:
-                    chunk, chosen = await self._step(stepper, picker, recent)
-                    if chunk is not None:
-                        yield chunk
-                    if not same_piece(piece, chosen) or len(stepper.sessions) != live:
-                        break
-                    accepted += 1
-                    if stepper.finished:
-                        break
-                if drafted:
-                    rounds.add(len(drafted), accepted)
+            steps = speculative_steps(
+                stepper,
+                rounds,
+                partial(self._lookahead, stepper, recent),
+                partial(self._step, stepper, picker, recent),
+            )
+            async with aclosing(steps):  # a client that leaves closes it at once
+                async for chunk in steps:
+                    yield chunk
             for chunk in stepper.accounting():
                 yield chunk
         finally:

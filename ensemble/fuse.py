@@ -27,7 +27,9 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -42,9 +44,9 @@ from ensemble.stepwise import (
     StepObserver,
     Stepper,
     greedy_top,
-    same_piece,
     session_engines,
     sole_weights,
+    speculative_steps,
 )
 from ensemble.types import (
     Candidate,
@@ -115,22 +117,15 @@ class FusionStrategy:
         tally = _Tally(dict.fromkeys((e.name for e in engines), 0.0))
         rounds = DraftRounds(self.draft_tokens)
         try:
-            while not stepper.finished:
-                draft = await self._draft(stepper, rounds.length)
-                planned: list[Candidate | None] = [*draft] or [None]  # None: one plain step
-                primary = stepper.sessions[0]
-                accepted = 0
-                for piece in planned:
-                    chunk, chosen = await self._step(stepper, picker, tally)
-                    if chunk is not None:
-                        yield chunk
-                    if not same_piece(piece, chosen) or stepper.sessions[0] is not primary:
-                        break
-                    accepted += 1
-                    if stepper.finished:
-                        break
-                if draft:
-                    rounds.add(len(draft), accepted)
+            steps = speculative_steps(
+                stepper,
+                rounds,
+                partial(self._draft, stepper),
+                partial(self._step, stepper, picker, tally),
+            )
+            async with aclosing(steps):  # a client that leaves closes it at once
+                async for chunk in steps:
+                    yield chunk
             for chunk in stepper.accounting():
                 yield chunk
         finally:

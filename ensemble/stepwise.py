@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -383,3 +383,30 @@ class DraftRounds:
     @property
     def acceptance(self) -> float | None:
         return round(self.accepted / self.drafted, 4) if self.drafted else None
+
+
+async def speculative_steps(
+    stepper: Stepper,
+    rounds: DraftRounds,
+    lookahead: Callable[[int], Awaitable[list[Candidate]]],
+    step: Callable[[], Awaitable[tuple[GenerationChunk | None, Candidate | None]]],
+) -> AsyncGenerator[GenerationChunk, None]:
+    """Steps until the answer is finished, in rounds: `lookahead` drafts up to `rounds.length`
+    pieces (none: one plain step), then `step` runs as it would step by step until it chooses
+    other than the draft or an expert leaves. Yields what the steps stream."""
+    while not stepper.finished:
+        drafted = await lookahead(rounds.length)
+        live = list(stepper.sessions)
+        accepted = 0
+        planned: list[Candidate | None] = [*drafted] or [None]
+        for piece in planned:
+            chunk, chosen = await step()
+            if chunk is not None:
+                yield chunk
+            if not same_piece(piece, chosen) or stepper.sessions != live:
+                break
+            accepted += 1
+            if stepper.finished:
+                break
+        if drafted:
+            rounds.add(len(drafted), accepted)
