@@ -151,11 +151,11 @@ class SessionViews:
                 return
             self._arrived.wait(left)
 
+    @torch.inference_mode()
     def _answer(self, calls: list[_Call]) -> None:
         calls = [call for call in calls if self._given(call)]
         try:
-            with torch.inference_mode():
-                self._step_together(calls)
+            self._step_together(calls)
         except Exception as exc:  # each caller gets the failure
             for call in calls:
                 _post(call, exc)
