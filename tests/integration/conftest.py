@@ -3,12 +3,15 @@ expert is the session's real server, through the `openai` engine)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerProcess
+from serving.config import load_config
+from serving.engines.transformers.engine import TransformersEngine
+from tests.conftest import DEFAULT_CONFIG, ServerProcess
 
 
 def relay_config(tmp_path: Path, upstream_url: str, name: str = "relay.yaml") -> Path:
@@ -38,3 +41,18 @@ def relay(
         yield downstream
     finally:
         downstream.stop()
+
+
+@pytest.fixture(scope="module")
+def fusion_pair() -> Iterator[list[TransformersEngine]]:
+    """SmolLM2 and Gemma in process, for tests that fuse them without a server."""
+    config = load_config(DEFAULT_CONFIG)
+    engines = [
+        TransformersEngine(name, config.experts[name])
+        for name in ("smollm2-135m-instruct", "gemma3-270m")
+    ]
+    for engine in engines:
+        asyncio.run(engine.start())
+    yield engines
+    for engine in engines:
+        asyncio.run(engine.aclose())

@@ -9,15 +9,12 @@ forwards (or the comparison would prove nothing).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
 from ensemble.fuse import FusionStrategy
 from ensemble.types import ChatMessage, EnsembleTrace, GenerationRequest, SamplingParams
-from serving.config import load_config
 from serving.engines.transformers.engine import TransformersEngine
-from tests.conftest import DEFAULT_CONFIG
 
 pytestmark = pytest.mark.integration
 
@@ -31,20 +28,6 @@ PROMPTS = [
 VARIANTS = [("uniform", None, 0.0), ("uniform", 0.5, 0.0), ("core", None, 0.8)]
 
 
-@pytest.fixture(scope="module")
-def experts() -> Iterator[list[TransformersEngine]]:
-    config = load_config(DEFAULT_CONFIG)
-    engines = [
-        TransformersEngine(name, config.experts[name])
-        for name in ("smollm2-135m-instruct", "gemma3-270m")
-    ]
-    for engine in engines:
-        asyncio.run(engine.start())
-    yield engines
-    for engine in engines:
-        asyncio.run(engine.aclose())
-
-
 async def fused(
     strategy: FusionStrategy, req: GenerationRequest, engines: list[TransformersEngine]
 ) -> str:
@@ -53,7 +36,7 @@ async def fused(
 
 @pytest.mark.parametrize(("weighting", "gate", "temperature"), VARIANTS)
 def test_concurrent_answers_are_the_ones_given_alone(
-    experts: list[TransformersEngine], weighting: str, gate: float | None, temperature: float
+    fusion_pair: list[TransformersEngine], weighting: str, gate: float | None, temperature: float
 ) -> None:
     strategy = FusionStrategy(weighting=weighting, gate=gate)
     requests = [
@@ -64,13 +47,15 @@ def test_concurrent_answers_are_the_ones_given_alone(
         )
         for prompt in PROMPTS
     ]
-    alone = [asyncio.run(fused(strategy, req, experts)) for req in requests]
-    before = [engine.session_rows_batched for engine in experts]
+    alone = [asyncio.run(fused(strategy, req, fusion_pair)) for req in requests]
+    before = [engine.session_rows_batched for engine in fusion_pair]
 
     async def together() -> list[str]:
-        return list(await asyncio.gather(*(fused(strategy, req, experts) for req in requests)))
+        return list(await asyncio.gather(*(fused(strategy, req, fusion_pair) for req in requests)))
 
     assert asyncio.run(together()) == alone
-    shared = [engine.session_rows_batched - b for engine, b in zip(experts, before, strict=True)]
+    shared = [
+        engine.session_rows_batched - b for engine, b in zip(fusion_pair, before, strict=True)
+    ]
     # The primary is asked at every step: a good share of its 4 x 24 steps ran together.
     assert shared[0] >= 24, shared

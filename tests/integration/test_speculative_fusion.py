@@ -11,16 +11,13 @@ tokens.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
 from ensemble.cascade import CascadeStrategy
 from ensemble.fuse import FusionStrategy
 from ensemble.types import ChatMessage, EnsembleTrace, GenerationRequest, SamplingParams
-from serving.config import load_config
 from serving.engines.transformers.engine import TransformersEngine
-from tests.conftest import DEFAULT_CONFIG
 
 pytestmark = pytest.mark.integration
 
@@ -31,20 +28,6 @@ PROMPTS = [
 ]
 # (weighting, gate, temperature)
 VARIANTS = [("uniform", None, 0.0), ("uniform", 0.5, 0.0), ("core", None, 0.8)]
-
-
-@pytest.fixture(scope="module")
-def experts() -> Iterator[list[TransformersEngine]]:
-    config = load_config(DEFAULT_CONFIG)
-    engines = [
-        TransformersEngine(name, config.experts[name])
-        for name in ("smollm2-135m-instruct", "gemma3-270m")
-    ]
-    for engine in engines:
-        asyncio.run(engine.start())
-    yield engines
-    for engine in engines:
-        asyncio.run(engine.aclose())
 
 
 def fused(
@@ -62,7 +45,7 @@ def fused(
 
 @pytest.mark.parametrize(("weighting", "gate", "temperature"), VARIANTS)
 def test_drafted_answers_are_the_step_by_step_ones(
-    experts: list[TransformersEngine], weighting: str, gate: float | None, temperature: float
+    fusion_pair: list[TransformersEngine], weighting: str, gate: float | None, temperature: float
 ) -> None:
     rounds = 0
     for prompt in PROMPTS:
@@ -72,8 +55,8 @@ def test_drafted_answers_are_the_step_by_step_ones(
             FusionStrategy(weighting=weighting, gate=gate, draft_tokens=n)  # type: ignore[arg-type]
             for n in (1, 8)
         )
-        stepwise, _ = fused(step, req, experts)
-        drafted, trace = fused(draft, req, experts)
+        stepwise, _ = fused(step, req, fusion_pair)
+        drafted, trace = fused(draft, req, fusion_pair)
         assert drafted == stepwise, prompt
         assert trace.fusion is not None
         rounds += trace.fusion.draft_acceptance is not None
@@ -82,9 +65,9 @@ def test_drafted_answers_are_the_step_by_step_ones(
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_drafted_cascades_are_the_step_by_step_ones(
-    experts: list[TransformersEngine], temperature: float
+    fusion_pair: list[TransformersEngine], temperature: float
 ) -> None:
-    smollm2, gemma = experts
+    smollm2, gemma = fusion_pair
     shares = []
     for prompt in PROMPTS:
         params = SamplingParams(max_tokens=16, temperature=temperature, seed=11)
