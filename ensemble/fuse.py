@@ -3,9 +3,9 @@
 Each step the primary (the router's first choice, whose tokenizer defines the output) gives its
 next-token candidates. If it is sure (top probability >= `gate`), its token is taken without
 asking the others (GaC's thresholded mode). Otherwise every expert gives its candidates, they are
-aligned on text (`ensemble.fusion`), weighted (uniform, static, CoRE consistency, or dynamic for
-experts sharing a vocabulary), fused, and one piece is chosen; every expert then continues from
-the same text.
+aligned on text (`ensemble.fusion`), weighted (uniform, static, CoRE consistency, or a
+KL-centroid mix for experts sharing a vocabulary), fused, and one piece is chosen; every expert
+then continues from the same text.
 
 Speculative fusion (after SpecEn, Fu et al. 2025): where the sessions can look ahead
 (`LookaheadSession`), each round the primary drafts up to `draft_tokens` pieces along its own
@@ -57,7 +57,7 @@ from ensemble.types import (
     NextTokens,
 )
 
-Weighting = Literal["uniform", "static", "core", "dynamic"]
+Weighting = Literal["uniform", "static", "core", "kl_centroid", "dlf"]
 
 
 @dataclass(slots=True)
@@ -135,14 +135,14 @@ class FusionStrategy:
     def _engines(self, experts: Sequence[Engine]) -> list[SessionEngine]:
         engines = session_engines(experts, self.name)
         # Defensive: the gateway refuses such pools at start-up (`_check_token_level_pools`).
-        if self.weighting == "dynamic" and len({e.vocabulary for e in engines}) > 1:
-            raise ValueError("`dynamic` weights need experts that share one vocabulary")
+        if self._full and len({e.vocabulary for e in engines}) > 1:
+            raise ValueError(f"`{self.weighting}` needs experts that share one vocabulary")
         return engines
 
     @property
     def _full(self) -> bool:
-        """Whether views carry whole distributions (`dynamic` weights fuse those)."""
-        return self.weighting == "dynamic"
+        """Whether views carry whole distributions (fused by `kl_centroid` and `dlf`)."""
+        return self.weighting in ("kl_centroid", "dlf")
 
     async def _draft(self, stepper: Stepper, length: int) -> list[Candidate]:
         """A round's draft: the primary's greedy pieces, and the others' views over them
@@ -262,8 +262,8 @@ class FusionStrategy:
     ) -> tuple[Candidate, dict[str, float], str, list[Candidate]]:
         """The fused choice, each expert's weight, the expert credited with the choice, and the
         fused candidates it was chosen from."""
-        if self.weighting == "dynamic":
-            chosen, weights, producer, pool = self._fuse_dynamic(views, names, picker)
+        if self.weighting == "kl_centroid":
+            chosen, weights, producer, pool = self._fuse_kl_centroid(views, names, picker)
         else:
             chosen, weights, producer, pool = self._fuse_aligned(views, names, primary_top, picker)
         return chosen, dict(zip(names, map(float, weights), strict=True)), producer, pool
@@ -289,22 +289,30 @@ class FusionStrategy:
         producer = names[int(np.argmax(weights * matrix[:, index]))]
         return pool[index], weights, producer, pool
 
-    def _fuse_dynamic(
+    def _fuse_kl_centroid(
         self, views: list[NextTokens], names: list[str], picker: Picker
     ) -> tuple[Candidate, np.ndarray, str, list[Candidate]]:
-        # Same vocabulary: fuse whole distributions, then read the text off the primary's view
-        # or, for a token outside it, off the expert that proposed it.
         dists = [np.asarray(v.distribution, dtype=np.float64) for v in views]
-        weights = fusion.dynamic_weights(dists)
+        weights = fusion.kl_centroid_weights(dists)
         pooled = fusion.log_linear(dists, weights)
-        top_ids = np.argsort(-pooled)[: self.candidates]
-        by_id = {c.token_ids[0]: c for v in views for c in v.candidates if len(c.token_ids) == 1}
-        options = [by_id[i] for i in top_ids if i in by_id] or [views[0].candidates[0]]
-        probs = np.exp([pooled[c.token_ids[0]] if c.token_ids else -50.0 for c in options])
-        keys = [c.text for c in options]
-        probs = probs / probs.sum()
-        chosen = options[picker.pick(keys, probs, keys[0])]
+        chosen, pool = choose_in_vocabulary(views, pooled, picker, self.candidates)
         token = chosen.token_ids[0]
         credit = [w * math.exp(d[token]) for w, d in zip(weights, dists, strict=True)]
-        pool = [replace(c, logprob=math.log(p)) for c, p in zip(options, probs, strict=True)]
         return chosen, weights, names[int(np.argmax(credit))], pool
+
+
+def choose_in_vocabulary(
+    views: Sequence[NextTokens], pooled: np.ndarray, picker: Picker, k: int
+) -> tuple[Candidate, list[Candidate]]:
+    """Pick from a fused distribution over the experts' shared vocabulary (`pooled`, log-probs
+    by token id); the choice is among its `k` most likely tokens that some expert's view holds as
+    a candidate, whose text that view gives. Returns the choice and those candidates with their
+    fused probabilities."""
+    top_ids = np.argsort(-pooled)[:k]
+    by_id = {c.token_ids[0]: c for v in views for c in v.candidates if len(c.token_ids) == 1}
+    options = [by_id[i] for i in top_ids if i in by_id] or [views[0].candidates[0]]
+    probs = np.exp([pooled[c.token_ids[0]] if c.token_ids else -50.0 for c in options])
+    probs = probs / probs.sum()
+    keys = [c.text for c in options]
+    chosen = options[picker.pick(keys, probs, keys[0])]
+    return chosen, [replace(c, logprob=math.log(p)) for c, p in zip(options, probs, strict=True)]

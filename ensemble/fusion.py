@@ -133,17 +133,18 @@ def pick(
     return int(rng.choice(len(keys), p=probs))
 
 
-def dynamic_weights(
+def kl_centroid_weights(
     distributions: Sequence[FloatArray], grid: Sequence[float] = tuple(np.arange(0, 1.01, 0.1))
 ) -> FloatArray:
-    """Per-step weights for experts sharing one vocabulary, Dynamic Logit Fusion style.
+    """Per-step weights for experts sharing one vocabulary: the KL centroid of each pair.
 
-    Each other expert t is searched alone (the paper's multi-task speed-up): the mixture
-    log p(a) = (1 - a) log p_primary + a log p_t, with a on `grid`, that is equidistant in KL
-    from both, argmin (KL(p(a)||p_primary) - KL(p(a)||p_t))^2. With no base model to measure a
-    task shift against (the paper's setting), the KL centroid of the pair is the target. The
-    experts' shares a_t / T and 1 - sum of them are the log-linear weights returned.
-    `distributions` are log-probabilities over the shared vocabulary, the primary first.
+    Each other expert t is searched alone: the mixture log p(a) = (1 - a) log p_primary +
+    a log p_t, with a on `grid`, that is equidistant in KL from both,
+    argmin (KL(p(a)||p_primary) - KL(p(a)||p_t))^2. Borrowed from Dynamic Logit Fusion's
+    search, but without its base model to measure a task shift against (that is
+    `ensemble.logit_fusion`). The experts' shares a_t / T and 1 - sum of them are the
+    log-linear weights returned. `distributions` are log-probabilities over the shared
+    vocabulary, the primary first.
     """
     primary, others = distributions[0], distributions[1:]
     if not others:

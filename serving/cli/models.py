@@ -1,4 +1,5 @@
-"""`chorus prepare` (the bundled models a config uses) and `chorus bench` (tokens/s per expert)."""
+"""`chorus prepare` (the bundled models a config uses), `chorus finetune` (a LoRA specialist of a
+bundled model) and `chorus bench` (tokens/s per expert)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,22 @@ def add_parsers(commands: Any) -> None:
     )
     prepare.add_argument("--config", type=Path, help="default: every bundled model")
     prepare.set_defaults(run=run_prepare)
+
+    finetune = commands.add_parser(
+        "finetune",
+        help="train a LoRA adapter of a small model on calibration records (resumable)",
+    )
+    finetune.add_argument("--model", required=True, help="`bundled:<name>` or a folder")
+    finetune.add_argument("--data", required=True, type=Path, help="records (JSONL)")
+    finetune.add_argument("--category", help="only the records of this category")
+    finetune.add_argument("--out", required=True, type=Path, help="the adapter's folder")
+    finetune.add_argument("--epochs", type=float, default=1.0)
+    finetune.add_argument("--rank", type=int, default=8)
+    finetune.add_argument("--learning-rate", type=float, default=2e-4)
+    finetune.add_argument("--accumulate", type=int, default=8, help="records per step")
+    finetune.add_argument("--max-records", type=int, help="the first N records only")
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.set_defaults(run=run_finetune)
 
     bench = commands.add_parser("bench", help="single-stream greedy tokens/s of each expert")
     add_config(bench)
@@ -53,6 +70,39 @@ def run_prepare(args: argparse.Namespace) -> int:
 
         load_embedder(config.router.embedder, "onnx")  # exports once, then only loads
         print(f"{config.router.embedder}: ONNX -> {onnx_folder(config.router.embedder)}")
+    return 0
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from serving.models.finetune import FinetuneSettings, finetune, read_records
+
+    records = list(read_records(args.data, args.category))[: args.max_records]
+    if not records:
+        raise ValueError(
+            f"{args.data} has no records" + f" of category {args.category!r}" * bool(args.category)
+        )
+    settings = FinetuneSettings(
+        model=args.model,
+        epochs=args.epochs,
+        rank=args.rank,
+        learning_rate=args.learning_rate,
+        accumulate=args.accumulate,
+        seed=args.seed,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tqdm(desc=f"fine-tuning on {len(records)} records", unit="step") as bar:
+
+        def progress(step: int, steps: int, loss: float) -> None:
+            bar.total = steps
+            bar.n = step
+            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.refresh()
+
+        finetune(settings, records, args.out, progress)
+    (args.out / "COMMAND").write_text(args.command_line + "\n")
+    print(f"adapter -> {args.out}")
     return 0
 
 

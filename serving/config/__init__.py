@@ -4,6 +4,7 @@ from serving.config.loading import ConfigError, key_path, load_config
 from serving.config.schema import (
     CascadeStrategyConfig,
     Config,
+    DlfStrategyConfig,
     ExpertConfig,
     FuseStrategyConfig,
     OpenAIExpertConfig,
@@ -22,6 +23,7 @@ __all__ = [
     "CascadeStrategyConfig",
     "Config",
     "ConfigError",
+    "DlfStrategyConfig",
     "ExpertConfig",
     "FuseStrategyConfig",
     "OpenAIExpertConfig",

@@ -21,6 +21,7 @@ from serving.config.schema import (
     STRATEGY_TAGS,
     CascadeStrategyConfig,
     Config,
+    DlfStrategyConfig,
     ExpertConfig,
     FuseStrategyConfig,
     OpenAIExpertConfig,
@@ -163,6 +164,11 @@ def _cross_check(config: Config, base_dir: Path) -> list[tuple[str, str]]:
         problem = _check_model_ref(expert.model, base_dir)
         if problem:
             problems.append((f"experts.{name}.model", problem))
+        adapter = expert.adapter if isinstance(expert, TransformersExpertConfig) else None
+        if adapter is not None and not (base_dir / adapter / "adapter_config.json").is_file():
+            problems.append(
+                (f"experts.{name}.adapter", f"no PEFT adapter (adapter_config.json) in {adapter!r}")
+            )
         template = expert.chat_template
         if (
             template is not None
@@ -189,29 +195,13 @@ def _cross_check(config: Config, base_dir: Path) -> list[tuple[str, str]]:
         if len(set(pool.experts)) != len(pool.experts):
             problems.append((f"pools.{pool_name}.experts", "an expert is listed twice"))
         strategy = pool.strategy
-        if isinstance(strategy, FuseStrategyConfig) and strategy.weighting == "dynamic":
-            for i, member in enumerate(pool.experts):
-                member_config = config.experts.get(member)
-                if isinstance(member_config, OpenAIExpertConfig):
-                    problems.append(
-                        (
-                            f"pools.{pool_name}.experts[{i}]",
-                            "`dynamic` weighting needs whole next-token distributions, which "
-                            f"the `{member_config.engine}` engine's decode sessions do not give "
-                            "(only the top logprobs)",
-                        )
-                    )
-                if (
-                    isinstance(member_config, VllmExpertConfig)
-                    and member_config.engine_args.get("max_logprobs") != -1
-                ):
-                    problems.append(
-                        (
-                            f"experts.{member}.engine_args.max_logprobs",
-                            f"pool {pool_name!r} uses `dynamic` weighting, which needs whole "
-                            "next-token distributions from vLLM: set `max_logprobs: -1`",
-                        )
-                    )
+        needs_full = {"kl_centroid": "`kl_centroid` weighting", "dlf": "the `dlf` strategy"}.get(
+            strategy.weighting if isinstance(strategy, FuseStrategyConfig) else strategy.type
+        )
+        if needs_full:
+            problems += _check_whole_distributions(config, pool_name, pool, needs_full)
+        if isinstance(strategy, DlfStrategyConfig):
+            problems += _check_dlf_roles(pool_name, pool, strategy)
         if isinstance(strategy, FuseStrategyConfig):
             for name in set(strategy.weights) - set(pool.experts):
                 problems.append(
@@ -232,6 +222,63 @@ def _cross_check(config: Config, base_dir: Path) -> list[tuple[str, str]]:
     problem = _check_model_ref(config.router.embedder, base_dir)
     if problem:
         problems.append(("router.embedder", problem))
+    return problems
+
+
+def _check_whole_distributions(
+    config: Config, pool_name: str, pool: PoolConfig, what: str
+) -> list[tuple[str, str]]:
+    """Fusing whole next-token distributions needs engines that give them."""
+    problems = []
+    for i, member in enumerate(pool.experts):
+        member_config = config.experts.get(member)
+        if isinstance(member_config, OpenAIExpertConfig):
+            problems.append(
+                (
+                    f"pools.{pool_name}.experts[{i}]",
+                    f"{what} needs whole next-token distributions, which the "
+                    f"`{member_config.engine}` engine's decode sessions do not give (only the "
+                    "top logprobs)",
+                )
+            )
+        if (
+            isinstance(member_config, VllmExpertConfig)
+            and member_config.engine_args.get("max_logprobs") != -1
+        ):
+            problems.append(
+                (
+                    f"experts.{member}.engine_args.max_logprobs",
+                    f"pool {pool_name!r} uses {what}, which needs whole next-token "
+                    "distributions from vLLM: set `max_logprobs: -1`",
+                )
+            )
+    return problems
+
+
+def _check_dlf_roles(
+    pool_name: str, pool: PoolConfig, strategy: DlfStrategyConfig
+) -> list[tuple[str, str]]:
+    """`large` and `base` are two of the pool's experts; at least one other is a specialist;
+    the roles are fixed, so no router reorders them."""
+    key = f"pools.{pool_name}.strategy"
+    problems = [
+        (f"{key}.{role}", f"{name!r} is not an expert of this pool")
+        for role, name in (("large", strategy.large), ("base", strategy.base))
+        if name not in pool.experts
+    ]
+    if strategy.large == strategy.base:
+        problems.append((f"{key}.base", "the base must be another expert than the large one"))
+    if not set(pool.experts) - {strategy.large, strategy.base}:
+        problems.append(
+            (
+                f"pools.{pool_name}.experts",
+                "`dlf` needs at least one specialist besides the large and base experts",
+            )
+        )
+    if pool.router is not None:
+        problems.append(
+            (f"pools.{pool_name}.router", "a `dlf` pool's experts have fixed roles: no router")
+        )
     return problems
 
 
@@ -285,6 +332,11 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         name: expert.model_copy(
             update={
                 "model": local(expert.model),
+                **(
+                    {"adapter": str((base_dir / expert.adapter).resolve())}
+                    if isinstance(expert, TransformersExpertConfig) and expert.adapter
+                    else {}
+                ),
                 "chat_template": (
                     expert.chat_template
                     if expert.chat_template in (None, *BUILTIN_CHAT_TEMPLATES)

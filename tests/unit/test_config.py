@@ -146,7 +146,9 @@ def test_missing_config_file_is_refused(tmp_path: Path) -> None:
     assert "cannot read the file" in done.stderr
 
 
-def test_remote_experts_join_token_level_pools_but_not_dynamic_weighting(tmp_path: Path) -> None:
+def test_remote_experts_join_token_level_pools_but_not_kl_centroid_weighting(
+    tmp_path: Path,
+) -> None:
     experts = (
         "experts:\n"
         "  local: {model: bundled:smollm2-135m-instruct}\n"
@@ -162,9 +164,69 @@ def test_remote_experts_join_token_level_pools_but_not_dynamic_weighting(tmp_pat
     path = write(
         tmp_path,
         experts + "pools:\n  d: {experts: [local, far], strategy: {type: fuse, "
-        "weighting: dynamic}}\n  r: {experts: [local, far]}\n",
+        "weighting: kl_centroid}}\n  r: {experts: [local, far]}\n",
     )
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert "pools.d.experts[1]: `dynamic` weighting needs whole next-token" in str(info.value)
+    assert "pools.d.experts[1]: `kl_centroid` weighting needs whole next-token" in str(info.value)
     assert "pools.r" not in str(info.value)
+
+
+def test_the_old_dynamic_weighting_name_is_refused_with_its_new_name(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "experts:\n  a: {model: bundled:smollm2-135m-instruct}\n"
+        "pools:\n  d: {experts: [a], strategy: {type: fuse, weighting: dynamic}}\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "pools.d.strategy.weighting: Value error, `dynamic` weighting is now called " in str(
+        info.value
+    )
+
+
+DLF_EXPERTS = (
+    "experts:\n"
+    "  large: {model: bundled:qwen2.5-coder-0.5b-instruct}\n"
+    "  small: {model: bundled:qwen2.5-coder-0.5b-instruct}\n"
+    "  tuned: {model: bundled:qwen2.5-coder-0.5b-instruct, adapter: lora}\n"
+    "  far: {engine: openai, base_url: 'http://127.0.0.1:9/v1', model: m}\n"
+)
+
+
+def lora_folder(tmp_path: Path) -> None:
+    (tmp_path / "lora").mkdir(exist_ok=True)
+    (tmp_path / "lora" / "adapter_config.json").write_text("{}")
+
+
+def test_a_dlf_pool_names_its_roles_among_its_experts(tmp_path: Path) -> None:
+    lora_folder(tmp_path)
+    fine = write(
+        tmp_path,
+        DLF_EXPERTS + "pools:\n  w: {experts: [large, small, tuned], "
+        "strategy: {type: dlf, large: large, base: small}}\n",
+    )
+    config = load_config(fine)
+    assert config.experts["tuned"].adapter == str((tmp_path / "lora").resolve())
+    bad = write(
+        tmp_path,
+        DLF_EXPERTS + "pools:\n"
+        "  roles: {experts: [large, tuned], strategy: {type: dlf, large: large, base: small}}\n"
+        "  alone: {experts: [large, small], strategy: {type: dlf, large: large, base: small}}\n"
+        "  far: {experts: [large, small, far], strategy: {type: dlf, large: large, base: small}}\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    message = str(info.value)
+    assert "pools.roles.strategy.base: 'small' is not an expert of this pool" in message
+    assert "pools.alone.experts: `dlf` needs at least one specialist" in message
+    assert "pools.far.experts[2]: the `dlf` strategy needs whole next-token" in message
+
+
+def test_an_adapter_folder_must_hold_an_adapter(tmp_path: Path) -> None:
+    path = write(tmp_path, DLF_EXPERTS + "pools: {}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "experts.tuned.adapter: no PEFT adapter (adapter_config.json) in 'lora'" in str(
+        info.value
+    )

@@ -92,16 +92,16 @@ def test_sampled_pick_respects_top_p() -> None:
 
 @settings(max_examples=30)
 @given(st.integers(2, 3), st.integers(0, 10_000))
-def test_dynamic_weights_are_a_distribution(n: int, seed: int) -> None:
+def test_kl_centroid_weights_are_a_distribution(n: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     dists = [np.log(p) for p in rng.dirichlet(np.ones(50), size=n)]
-    weights = fusion.dynamic_weights(dists)
+    weights = fusion.kl_centroid_weights(dists)
     assert (weights >= -1e-12).all() and weights.sum() == pytest.approx(1)
     pooled = fusion.log_linear(dists, weights)
     assert np.exp(pooled).sum() == pytest.approx(1)
 
 
-def test_dynamic_weights_of_identical_experts_keep_their_distribution() -> None:
+def test_kl_centroid_weights_of_identical_experts_keep_their_distribution() -> None:
     p = np.log(np.array([0.5, 0.3, 0.2]))
-    weights = fusion.dynamic_weights([p, p.copy()])
+    weights = fusion.kl_centroid_weights([p, p.copy()])
     assert fusion.log_linear([p, p], weights) == pytest.approx(p)

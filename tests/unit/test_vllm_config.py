@@ -60,13 +60,16 @@ def test_dynamic_weighting_over_vllm_needs_whole_distributions_at_load(tmp_path:
         path.write_text(
             path.read_text()
             + "  other: {model: bundled:smollm2-135m-instruct}\n"
-            + "pools:\n  d: {experts: [small, other], strategy: {type: fuse, weighting: dynamic}}\n"
+            + "pools:\n  d: {experts: [small, other],"
+            + " strategy: {type: fuse, weighting: kl_centroid}}\n"
         )
         return path
 
     with pytest.raises(ConfigError) as info:
         load_config(pool("{max_model_len: 2048}"))
-    assert "experts.small.engine_args.max_logprobs: pool 'd' uses `dynamic`" in str(info.value)
+    assert "experts.small.engine_args.max_logprobs: pool 'd' uses `kl_centroid` weighting" in str(
+        info.value
+    )
     load_config(pool("{max_logprobs: -1}"))
 
 

@@ -136,6 +136,8 @@ class TransformersEngine:
             model: Any = AutoModelForCausalLM.from_pretrained(
                 path, dtype=_DTYPES[self.config.dtype]
             )
+            if self.config.adapter is not None:
+                model = _merge_adapter(model, self.config.adapter)
         model.to(self.config.device).eval()
         template = load_chat_template(self.config.chat_template)
         if template is None and not tokenizer.chat_template:
@@ -231,6 +233,14 @@ class TransformersEngine:
         if compiled is not None and self._grammars is not None:
             masks = RowMasks(compiled, params.n, self._grammars.vocab_size)
         self._scheduler.submit(_Run(self, request, ids, max_tokens, stream, masks))
+
+
+def _merge_adapter(model: Any, adapter: str) -> Any:
+    """The model with a PEFT LoRA adapter merged into its weights: it then runs as a plain
+    model (batched with other sessions, no adapter layers per step)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
 
 
 def _single_threaded(work: Callable[[], T]) -> T:
