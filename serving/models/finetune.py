@@ -117,7 +117,7 @@ def finetune(
             logits = model(input_ids=torch.tensor([ids]), logits_to_keep=keep).logits[0, :-1]
             target = torch.tensor(ids[answer_start:])
             loss = torch.nn.functional.cross_entropy(logits.float(), target) / len(batch)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             total += float(loss.detach())
         optimizer.step()
         schedule.step()
