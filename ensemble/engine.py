@@ -79,7 +79,8 @@ class LookaheadSession(DecodeSession, Protocol):
 @runtime_checkable
 class SessionEngine(Engine, Protocol):
     """An engine that can open decode sessions. `vocabulary` identifies its tokenizer's
-    vocabulary: experts with equal values share token ids (needed for `dynamic` weights)."""
+    vocabulary: experts with equal values share token ids (needed for `kl_centroid` weights and
+    for `dlf`)."""
 
     @property
     def vocabulary(self) -> str: ...

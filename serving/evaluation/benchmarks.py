@@ -172,6 +172,25 @@ def _triviaqa_halves() -> tuple[list[Record], list[Record]]:
     return _halves(records, "triviaqa")
 
 
+# --- BoolQ (reading comprehension, yes/no) --------------------------------------------------
+
+
+def _boolq_halves() -> tuple[list[Record], list[Record]]:
+    rows = sources.olmo_dataset("boolq", "none", "validation")
+    records = [
+        _choice(
+            "boolq",
+            f"boolq/validation/{i}",
+            f"{row['passage'].strip()}\nQuestion: {row['question'].strip()}?",
+            ["yes", "no"],
+            0 if row["answer"] else 1,
+            "boolq validation",
+        )
+        for i, row in enumerate(rows)
+    ]
+    return _halves(records, "boolq")
+
+
 # --- basic arithmetic (math, short number) ---------------------------------------------------
 
 
@@ -330,6 +349,15 @@ BENCHMARKS: dict[str, Benchmark] = {
             "Apache 2.0",
             _half(_triviaqa_halves, 1),
             _half(_triviaqa_halves, 0),
+        ),
+        Benchmark(
+            "boolq",
+            "reading comprehension (yes/no as letters)",
+            "BoolQ validation, one seeded half",
+            "the other half of the same split",
+            "CC BY-SA 3.0",
+            _half(_boolq_halves, 1),
+            _half(_boolq_halves, 0),
         ),
         Benchmark(
             "arithmetic",

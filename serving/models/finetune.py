@@ -3,10 +3,11 @@
 The records are the project's JSONL (`question`, `answers`): each becomes one chat turn, the
 question as the user's message and the first answer as the assistant's, and the loss is on the
 answer's tokens only (the model learns to answer, not to ask). Training is CPU-sized: a LoRA
-adapter (peft) on the attention and MLP projections, AdamW, one record at a time with gradient
-accumulation, a fixed seed. A checkpoint (adapter, optimizer, step) is written every
-`checkpoint_every` steps under `<out>/checkpoint`, and a run started again with the same
-arguments resumes from it. The finished adapter is `<out>/adapter_config.json` and
+adapter (peft) on the attention projections of the upper half of the layers (the backward pass
+then stops halfway down), the frozen weights in bfloat16 (as the experts are served), AdamW, one
+record at a time with gradient accumulation, a fixed seed. A checkpoint (adapter, optimizer,
+step) is written every `checkpoint_every` steps under `<out>/checkpoint`, and a run started again
+with the same arguments resumes from it. The finished adapter is `<out>/adapter_config.json` and
 `adapter_model.safetensors`, with `<out>/training.json` saying how it was made.
 """
 
@@ -35,6 +36,7 @@ class FinetuneSettings:
     seed: int = 0
     max_length: int = 512  # tokens; longer records are cut from the left (the question's start)
     checkpoint_every: int = 20  # optimizer steps
+    dtype: str = "bfloat16"  # of the frozen weights; the adapter trains in float32
 
 
 def chat_examples(
@@ -79,7 +81,8 @@ def finetune(
     order = _order(len(examples), settings.epochs, settings.seed)
     steps = max(len(order) // settings.accumulate, 1)
 
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, settings.dtype))
+    layers = int(model.config.num_hidden_layers)
     checkpoint = out / "checkpoint"
     if (checkpoint / "adapter_config.json").is_file():
         model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
@@ -90,6 +93,7 @@ def finetune(
             lora_alpha=2 * settings.rank,
             lora_dropout=0.0,  # deterministic steps: a resumed run is the same run
             target_modules=list(LORA_TARGETS),
+            layers_to_transform=list(range(layers // 2, layers)),
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)

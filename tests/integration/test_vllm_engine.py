@@ -252,7 +252,7 @@ def test_fuse_pool_over_vllm_and_transformers(vllm: Harness) -> None:
     text, trace, other = vllm.run(go())
     assert "Paris" in text
     assert trace.experts == [NAME, "smollm2-transformers"]
-    assert vllm.engine.vocabulary == other.vocabulary  # one tokenizer: `dynamic` could apply
+    assert vllm.engine.vocabulary == other.vocabulary  # one tokenizer: `kl_centroid` could apply
     assert vllm.engine.default_stop == ()
 
 

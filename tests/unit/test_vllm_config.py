@@ -54,7 +54,7 @@ def test_model_belongs_outside_engine_args(tmp_path: Path) -> None:
         load_config(write(tmp_path, "{model: other}"))
 
 
-def test_dynamic_weighting_over_vllm_needs_whole_distributions_at_load(tmp_path: Path) -> None:
+def test_kl_centroid_weighting_over_vllm_needs_whole_distributions_at_load(tmp_path: Path) -> None:
     def pool(engine_args: str) -> Path:
         path = write(tmp_path, engine_args)
         path.write_text(

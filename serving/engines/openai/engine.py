@@ -80,7 +80,7 @@ class RemoteOpenAIEngine:
     @property
     def vocabulary(self) -> str:
         """The served model on that server. No other expert shares it in practice, and none
-        may: `dynamic` weighting needs whole distributions, which a remote view does not give."""
+        may: `kl_centroid` and `dlf` need whole distributions, which a remote view does not give."""
         return f"openai:{self.config.model}@{self.base_url}"
 
     @property

@@ -21,8 +21,8 @@ early, so an expert that keeps being overruled costs one decode step per view, n
 What a remote view cannot give, and what stands in for it:
 
 - The whole next-token distribution. `top_k(full=True)` returns `distribution=None`, and the
-  config refuses `dynamic` weighting (whole distributions over a shared vocabulary) for pools
-  with an `openai` expert.
+  config refuses `kl_centroid` weighting and `dlf` (whole distributions over a shared
+  vocabulary) for pools with an `openai` expert.
 - The entropy of that distribution (what cascades read): every engine's estimate from the top
   L = 20 logprobs (`common.entropy`), a lower bound on it, exact when those hold all the mass.
 - Which tokens end the sequence. A token's text is the server's `/detokenize` of it alone

@@ -119,8 +119,8 @@ class VllmSession:
         if full:
             if engine_max != -1:
                 raise ExpertFailed(
-                    f"expert {self.expert}: whole next-token distributions (`dynamic` "
-                    "weighting) need `max_logprobs: -1` in its engine_args"
+                    f"expert {self.expert}: whole next-token distributions (`kl_centroid`, "
+                    "`dlf`) need `max_logprobs: -1` in its engine_args"
                 )
             return -1
         return engine_max if engine_max != -1 else ENTROPY_TOP
