@@ -297,6 +297,14 @@ def _check_fan_out(name: str, pool: PoolConfig) -> list[tuple[str, str]]:
                 f"to {cap}; lower `strategy.samples` instead",
             )
         ]
+    if isinstance(strategy, DlfStrategyConfig) and cap < len(pool.experts):
+        return [
+            (
+                key,
+                f"{cap} is below the `dlf` pool's {len(pool.experts)} experts, which all decode "
+                "every step: a specialist left out leaves the large model alone",
+            )
+        ]
     token_level = isinstance(strategy, FuseStrategyConfig | CascadeStrategyConfig)
     if token_level and cap < 2 and len(pool.experts) > 1:
         return [

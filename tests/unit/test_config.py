@@ -213,7 +213,9 @@ def test_a_dlf_pool_names_its_roles_among_its_experts(tmp_path: Path) -> None:
         DLF_EXPERTS + "pools:\n"
         "  roles: {experts: [large, tuned], strategy: {type: dlf, large: large, base: small}}\n"
         "  alone: {experts: [large, small], strategy: {type: dlf, large: large, base: small}}\n"
-        "  far: {experts: [large, small, far], strategy: {type: dlf, large: large, base: small}}\n",
+        "  far: {experts: [large, small, far], strategy: {type: dlf, large: large, base: small}}\n"
+        "  cut: {experts: [large, small, tuned], max_fan_out: 2,"
+        " strategy: {type: dlf, large: large, base: small}}\n",
     )
     with pytest.raises(ConfigError) as info:
         load_config(bad)
@@ -221,6 +223,7 @@ def test_a_dlf_pool_names_its_roles_among_its_experts(tmp_path: Path) -> None:
     assert "pools.roles.strategy.base: 'small' is not an expert of this pool" in message
     assert "pools.alone.experts: `dlf` needs at least one specialist" in message
     assert "pools.far.experts[2]: the `dlf` strategy needs whole next-token" in message
+    assert "pools.cut.max_fan_out: 2 is below the `dlf` pool's 3 experts" in message
 
 
 def test_an_adapter_folder_must_hold_an_adapter(tmp_path: Path) -> None:
