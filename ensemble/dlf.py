@@ -111,9 +111,9 @@ class LogitFusionStrategy(FusionStrategy):
     ) -> str:
         """The large model, unless the specialists moved the choice off its own top token: then
         the specialist that pushed the chosen token up the most."""
-        token = chosen.token_ids[0]
-        if int(np.argmax(large)) == token:
+        if len(chosen.token_ids) != 1 or int(np.argmax(large)) == chosen.token_ids[0]:
             return self.large
+        token = chosen.token_ids[0]
         pushes = [a * (e[token] - base[token]) for e, a in zip(experts, alphas, strict=True)]
         best = int(np.argmax(pushes))
         return specialists[best] if pushes[best] > 0 else self.large

@@ -296,6 +296,8 @@ class FusionStrategy:
         weights = fusion.kl_centroid_weights(dists)
         pooled = fusion.log_linear(dists, weights)
         chosen, pool = choose_in_vocabulary(views, pooled, picker, self.candidates)
+        if len(chosen.token_ids) != 1:  # no fused candidate had a view's text: the primary's
+            return chosen, weights, names[0], pool
         token = chosen.token_ids[0]
         credit = [w * math.exp(d[token]) for w, d in zip(weights, dists, strict=True)]
         return chosen, weights, names[int(np.argmax(credit))], pool
