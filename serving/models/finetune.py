@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -138,10 +139,7 @@ def finetune(
         "seconds_this_run": round(time.perf_counter() - started, 1),
     }
     (out / "training.json").write_text(json.dumps(training, indent=2) + "\n")
-    if checkpoint.exists():
-        for file in checkpoint.iterdir():
-            file.unlink()
-        checkpoint.rmdir()
+    shutil.rmtree(checkpoint, ignore_errors=True)
     return out
 
 
@@ -165,10 +163,7 @@ def _save_checkpoint(model: Any, optimizer: Any, schedule: Any, step: int, folde
         {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step},
         partial / "trainer.pt",
     )
-    if folder.exists():
-        for file in folder.iterdir():
-            file.unlink()
-        folder.rmdir()
+    shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
 
 

@@ -83,41 +83,7 @@ def dlf(**settings: float) -> LogitFusionStrategy:
     return LogitFusionStrategy(large="large", base="base", **settings)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_alpha_zero_is_the_large_models_own_greedy_output(qwens, prompt: str) -> None:
-    req = request(prompt)
-    pool = [qwens["tuned"], qwens["base"], qwens["large"]]  # roles, not order, decide
-    text, weights = fused(dlf(alpha=0.0), req, pool)
-    assert text == greedy(qwens["large"], req)
-    assert weights == {"large": 1.0, "base": 0.0, "tuned": 0.0}
-
-
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_a_specialist_equal_to_its_base_moves_nothing(qwens, prompt: str) -> None:
-    req = request(prompt)
-    pool = [qwens["large"], qwens["base"], qwens["same"]]
-    want = greedy(qwens["large"], req)
-    assert fused(dlf(), req, pool)[0] == want
-    assert fused(dlf(alpha=2.0), req, pool)[0] == want
-
-
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_with_the_large_model_equal_to_its_base_the_specialist_answers(qwens, prompt) -> None:
-    req = request(prompt)
-    text, weights = fused(dlf(), req, [qwens["large"], qwens["base"], qwens["tuned"]])
-    assert text == greedy(qwens["tuned"], req)
-    assert weights["tuned"] == pytest.approx(1.0, abs=0.05)
-    assert weights["base"] == pytest.approx(-weights["tuned"])
-
-
-@pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_drafting_changes_nothing(qwens, temperature: float) -> None:
-    pool = [qwens["large"], qwens["base"], qwens["tuned"]]
-    for prompt in PROMPTS:
-        req = request(prompt, temperature=temperature)
-        assert fused(dlf(draft_tokens=4), req, pool) == fused(dlf(), req, pool)
-
-
+# First, before the module's engines load: the server loads its own three.
 def test_the_server_streams_a_dlf_pool_with_its_weights(tmp_path: Path) -> None:
     config = tmp_path / "dlf.yaml"
     expert = f"{{model: {QWEN}}}"
@@ -164,3 +130,38 @@ def test_the_server_streams_a_dlf_pool_with_its_weights(tmp_path: Path) -> None:
             asyncio.run(tuned.aclose())
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_alpha_zero_is_the_large_models_own_greedy_output(qwens, prompt: str) -> None:
+    req = request(prompt)
+    pool = [qwens["tuned"], qwens["base"], qwens["large"]]  # roles, not order, decide
+    text, weights = fused(dlf(alpha=0.0), req, pool)
+    assert text == greedy(qwens["large"], req)
+    assert weights == {"large": 1.0, "base": 0.0, "tuned": 0.0}
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_a_specialist_equal_to_its_base_moves_nothing(qwens, prompt: str) -> None:
+    req = request(prompt)
+    pool = [qwens["large"], qwens["base"], qwens["same"]]
+    want = greedy(qwens["large"], req)
+    assert fused(dlf(), req, pool)[0] == want
+    assert fused(dlf(alpha=2.0), req, pool)[0] == want
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_with_the_large_model_equal_to_its_base_the_specialist_answers(qwens, prompt) -> None:
+    req = request(prompt)
+    text, weights = fused(dlf(), req, [qwens["large"], qwens["base"], qwens["tuned"]])
+    assert text == greedy(qwens["tuned"], req)
+    assert weights["tuned"] == pytest.approx(1.0, abs=0.05)
+    assert weights["base"] == pytest.approx(-weights["tuned"])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_drafting_changes_nothing(qwens, temperature: float) -> None:
+    pool = [qwens["large"], qwens["base"], qwens["tuned"]]
+    for prompt in PROMPTS:
+        req = request(prompt, temperature=temperature)
+        assert fused(dlf(draft_tokens=4), req, pool) == fused(dlf(), req, pool)
