@@ -132,6 +132,7 @@ def finetune(
         if progress is not None:
             progress(step + 1, steps, total)
     model.save_pretrained(out)
+    (out / "README.md").unlink(missing_ok=True)  # peft's blank model card; training.json says it
     training = {
         **asdict(settings),
         "records": len(records),
