@@ -11,6 +11,7 @@ Drafting changes nothing, greedy or sampled; and the real server streams a `dlf`
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def qwens() -> Iterator[dict[str, TransformersEngine]]:
     yield engines
     for e in engines.values():
         asyncio.run(e.aclose())
+    engines.clear()
+    gc.collect()  # four models' weights: give them back before the next module loads its own
 
 
 def request(prompt: str, **sampling: float) -> GenerationRequest:

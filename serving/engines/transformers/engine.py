@@ -125,6 +125,7 @@ class TransformersEngine:
 
     async def aclose(self) -> None:
         self._model = None
+        self._views.model = None  # the last reference: the weights are freed with the engine's
         self._scheduler.abort(ExpertUnavailable(f"expert {self.name} was shut down"))
         self._views.abort(ExpertUnavailable(f"expert {self.name} was shut down"))
         self._executor.shutdown(wait=False, cancel_futures=True)
