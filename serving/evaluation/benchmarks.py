@@ -16,11 +16,12 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from serving.evaluation import sources
 
 Record = dict[str, Any]
+T = TypeVar("T")
 LETTERS = "ABCDEFGHIJ"
 
 CHOICE_INSTRUCTION = "Answer with the letter of the correct option only."
@@ -58,13 +59,13 @@ class Benchmark:
         return [r for r in self.load_calibration() if r["question"] not in asked]
 
 
-def _shuffled(rows: Sequence[Record], seed: str) -> list[Record]:
+def _shuffled(rows: Sequence[T], seed: str) -> list[T]:
     out = list(rows)
     random.Random(seed).shuffle(out)
     return out
 
 
-def _halves(rows: Sequence[Record], seed: str) -> tuple[list[Record], list[Record]]:
+def _halves(rows: Sequence[T], seed: str) -> tuple[list[T], list[T]]:
     """A seeded split of one public split into two disjoint halves (calibration, test)."""
     mixed = _shuffled(rows, seed)
     return mixed[: len(mixed) // 2], mixed[len(mixed) // 2 :]
@@ -189,6 +190,30 @@ def _boolq_halves() -> tuple[list[Record], list[Record]]:
         for i, row in enumerate(rows)
     ]
     return _halves(records, "boolq")
+
+
+# --- WinoGrande (commonsense coreference, two options) ---------------------------------------
+
+
+def _winogrande_halves() -> tuple[list[Record], list[Record]]:
+    """Halves by option pair: WinoGrande's twin sentences (one word apart, opposite answers)
+    share their two options, and a twin in the calibration half would give the test away."""
+    rows = sources.olmo_dataset("winogrande", "winogrande_xl", "validation")
+    pairs: dict[tuple[str, str], list[Record]] = {}
+    for i, row in enumerate(rows):
+        options = [row["option1"], row["option2"]]
+        pairs.setdefault((options[0], options[1]), []).append(
+            _choice(
+                "winogrande",
+                f"winogrande/validation/{i}",
+                f"{row['sentence'].strip()}\nQuestion: who or what is the blank (_)?",
+                options,
+                int(row["answer"]) - 1,
+                "winogrande_xl validation",
+            )
+        )
+    calibration, test = _halves(list(pairs.values()), "winogrande")
+    return [r for group in calibration for r in group], [r for group in test for r in group]
 
 
 # --- basic arithmetic (math, short number) ---------------------------------------------------
@@ -358,6 +383,15 @@ BENCHMARKS: dict[str, Benchmark] = {
             "CC BY-SA 3.0",
             _half(_boolq_halves, 1),
             _half(_boolq_halves, 0),
+        ),
+        Benchmark(
+            "winogrande",
+            "commonsense coreference (two options as letters)",
+            "WinoGrande (winogrande_xl) validation, one seeded half by option pair",
+            "the other half of the same split",
+            "CC BY 4.0",
+            _half(_winogrande_halves, 1),
+            _half(_winogrande_halves, 0),
         ),
         Benchmark(
             "arithmetic",

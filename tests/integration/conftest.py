@@ -1,5 +1,6 @@
 """What several integration modules share: Chorus behind Chorus (a `relay` server whose one
-expert is the session's real server, through the `openai` engine)."""
+expert is the session's real server, through the `openai` engine), and running an engine or a
+strategy to the end in process."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from ensemble.cascade import CascadeStrategy
+from ensemble.fuse import FusionStrategy
+from ensemble.types import EnsembleTrace, GenerationRequest
 from serving.config import load_config
 from serving.engines.transformers.engine import TransformersEngine
 from tests.conftest import DEFAULT_CONFIG, ServerProcess
@@ -56,3 +60,21 @@ def fusion_pair() -> Iterator[list[TransformersEngine]]:
     yield engines
     for engine in engines:
         asyncio.run(engine.aclose())
+
+
+def greedy(engine: TransformersEngine, req: GenerationRequest) -> str:
+    async def go() -> str:
+        return "".join([c.text async for c in engine.generate(req)])
+
+    return asyncio.run(go())
+
+
+def run(
+    strategy: FusionStrategy | CascadeStrategy, req: GenerationRequest, engines: list
+) -> tuple[str, EnsembleTrace]:
+    trace = EnsembleTrace()
+
+    async def go() -> str:
+        return "".join([c.text async for c in strategy.run(req, engines, trace)])
+
+    return asyncio.run(go()), trace

@@ -11,7 +11,6 @@ Drafting changes nothing, greedy or sampled; and the real server streams a `dlf`
 from __future__ import annotations
 
 import asyncio
-import gc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +18,11 @@ import openai
 import pytest
 
 from ensemble.dlf import LogitFusionStrategy
-from ensemble.types import ChatMessage, EnsembleTrace, GenerationRequest, SamplingParams
+from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
 from serving.config import TransformersExpertConfig
 from serving.engines.transformers.engine import TransformersEngine
 from tests.conftest import ROOT, ServerProcess
+from tests.integration.conftest import greedy, run
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,6 @@ ADAPTER = ROOT / "configs" / "adapters" / "boolq"
 PROMPTS = [
     "The Moon orbits the Earth about once a month.\nQuestion: does the moon orbit the earth?\n"
     "A. yes\nB. no\nAnswer with the letter of the correct option only.",
-    "Explain in two sentences why the sky is blue.",
     "Write a Python function that returns the square of a number.",
 ]
 
@@ -54,31 +53,18 @@ def qwens() -> Iterator[dict[str, TransformersEngine]]:
     yield engines
     for e in engines.values():
         asyncio.run(e.aclose())
-    engines.clear()
-    gc.collect()  # four models' weights: give them back before the next module loads its own
+    engines.clear()  # the weights go with the last references (tests/conftest.py trims the heap)
 
 
 def request(prompt: str, **sampling: float) -> GenerationRequest:
-    params = SamplingParams(max_tokens=20, temperature=sampling.get("temperature", 0.0), seed=3)
+    params = SamplingParams(max_tokens=12, temperature=sampling.get("temperature", 0.0), seed=3)
     return GenerationRequest("t", (ChatMessage("user", prompt),), params)
-
-
-def greedy(engine: TransformersEngine, req: GenerationRequest) -> str:
-    async def go() -> str:
-        return "".join([c.text async for c in engine.generate(req)])
-
-    return asyncio.run(go())
 
 
 def fused(
     strategy: LogitFusionStrategy, req: GenerationRequest, engines: list[TransformersEngine]
 ) -> tuple[str, dict[str, float]]:
-    trace = EnsembleTrace()
-
-    async def go() -> str:
-        return "".join([c.text async for c in strategy.run(req, engines, trace)])
-
-    text = asyncio.run(go())
+    text, trace = run(strategy, req, engines)
     return text, dict(zip(trace.experts, trace.weights, strict=True))
 
 

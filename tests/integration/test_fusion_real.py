@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 from ensemble.cascade import CascadeStrategy
 from ensemble.fuse import FusionStrategy
 from ensemble.stepwise import Step
-from ensemble.types import ChatMessage, EnsembleTrace, GenerationRequest, SamplingParams
+from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
 from serving.config import load_config
 from serving.engines.transformers.engine import TransformersEngine
 from tests.conftest import DEFAULT_CONFIG
+from tests.integration.conftest import greedy, run
 
 pytestmark = pytest.mark.integration
 
@@ -42,24 +43,6 @@ def experts() -> Iterator[tuple[TransformersEngine, TransformersEngine]]:
 def request(prompt: str, max_tokens: int = 20, **params: float) -> GenerationRequest:
     sampling = SamplingParams(max_tokens=max_tokens, temperature=params.pop("temperature", 0.0))
     return GenerationRequest("t", (ChatMessage("user", prompt),), sampling)
-
-
-def greedy(engine: TransformersEngine, req: GenerationRequest) -> str:
-    async def go() -> str:
-        return "".join([c.text async for c in engine.generate(req)])
-
-    return asyncio.run(go())
-
-
-def run(
-    strategy: FusionStrategy | CascadeStrategy, req: GenerationRequest, engines: list
-) -> tuple[str, EnsembleTrace]:
-    trace = EnsembleTrace()
-
-    async def go() -> str:
-        return "".join([c.text async for c in strategy.run(req, engines, trace)])
-
-    return asyncio.run(go()), trace
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
