@@ -52,6 +52,20 @@ def test_calibration_and_test_items_never_overlap(
         assert not shared, f"{name}: {shared[:3]}"
 
 
+def test_winogrande_twins_stay_in_one_half(
+    splits: dict[str, dict[str, list[dict[str, object]]]],
+) -> None:
+    """A twin (the same two options, one word apart, the other answer) on the calibration side
+    would teach a specialist the test item's answer."""
+
+    def option_pairs(records: list[dict[str, object]]) -> set[str]:
+        return {str(r["question"]).split("\n", 2)[2] for r in records}  # the two option lines
+
+    halves = splits["winogrande"]
+    assert len(halves["test"]) + len(halves["calibration"]) == 1267
+    assert not option_pairs(halves["test"]) & option_pairs(halves["calibration"])
+
+
 def test_build_splits_takes_the_seeded_first_items_and_refuses_unknown_names() -> None:
     counts = parse_counts("mmlu=3,gsm8k=2,humaneval", 1)
     assert counts == {"mmlu": 3, "gsm8k": 2, "humaneval": 1}
