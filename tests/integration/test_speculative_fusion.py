@@ -10,14 +10,14 @@ tokens.
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from ensemble.cascade import CascadeStrategy
 from ensemble.fuse import FusionStrategy
-from ensemble.types import ChatMessage, EnsembleTrace, GenerationRequest, SamplingParams
+from ensemble.types import ChatMessage, GenerationRequest, SamplingParams
 from serving.engines.transformers.engine import TransformersEngine
+from serving.engines.transformers.session import TransformersSession
+from tests.integration.conftest import run
 
 pytestmark = pytest.mark.integration
 
@@ -28,19 +28,6 @@ PROMPTS = [
 ]
 # (weighting, gate, temperature)
 VARIANTS = [("uniform", None, 0.0), ("uniform", 0.5, 0.0), ("core", None, 0.8)]
-
-
-def fused(
-    strategy: FusionStrategy | CascadeStrategy,
-    req: GenerationRequest,
-    engines: list[TransformersEngine],
-) -> tuple[str, EnsembleTrace]:
-    trace = EnsembleTrace()
-
-    async def go() -> str:
-        return "".join([c.text async for c in strategy.run(req, engines, trace)])
-
-    return asyncio.run(go()), trace
 
 
 @pytest.mark.parametrize(("weighting", "gate", "temperature"), VARIANTS)
@@ -55,8 +42,8 @@ def test_drafted_answers_are_the_step_by_step_ones(
             FusionStrategy(weighting=weighting, gate=gate, draft_tokens=n)  # type: ignore[arg-type]
             for n in (1, 8)
         )
-        stepwise, _ = fused(step, req, fusion_pair)
-        drafted, trace = fused(draft, req, fusion_pair)
+        stepwise, _ = run(step, req, fusion_pair)
+        drafted, trace = run(draft, req, fusion_pair)
         assert drafted == stepwise, prompt
         assert trace.fusion is not None
         rounds += trace.fusion.draft_acceptance is not None
@@ -76,9 +63,33 @@ def test_drafted_cascades_are_the_step_by_step_ones(
             CascadeStrategy(draft=smollm2.name, window=2, threshold=1.0, draft_tokens=n)
             for n in (1, 8)
         )
-        stepwise, _ = fused(step, req, [gemma, smollm2])
-        drafted, trace = fused(draft, req, [gemma, smollm2])
+        stepwise, _ = run(step, req, [gemma, smollm2])
+        drafted, trace = run(draft, req, [gemma, smollm2])
         assert drafted == stepwise, prompt
         assert trace.cascade is not None and trace.cascade.draft_acceptance is not None
         shares.append(trace.cascade.share[gemma.name])
     assert 0 < sum(shares) < len(PROMPTS)  # the strong expert decided some steps, not all
+
+
+def test_the_steps_after_a_draft_read_its_logits_and_run_no_model(
+    fusion_pair: list[TransformersEngine],
+) -> None:
+    """The steps that follow a draft ask for the views the draft computed; running the model for
+    them again doubled the primary's work (the draft's text growing had dropped them)."""
+    engine = fusion_pair[0]
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    req = GenerationRequest("t", (ChatMessage("user", PROMPTS[0]),), params)
+    session = TransformersSession(
+        engine._model, engine._tokenizer, engine.encode_prompt(req), engine._eos_ids
+    )
+    drafted = session.draft([], 4, 5)
+    forwards: list[int] = []
+    hook = engine._model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        for view in drafted:
+            assert session.top_k(5) == view
+            top = max(view.candidates, key=lambda c: c.logprob)
+            session.give([(top.text, list(top.token_ids))])
+    finally:
+        hook.remove()
+    assert len(drafted) == 4 and not forwards

@@ -170,9 +170,9 @@ class TransformersEngine:
         return await loop.run_in_executor(self._executor, partial(fn, *args))
 
     async def _run_session(self, fn: Callable[..., T], *args: Any) -> T:
-        """A decode session's job, on one CPU thread: one sequence's step is bound by memory,
-        not arithmetic, so a second thread gains it nothing, and the fused experts' steps can
-        then run at once on different cores without contending (loadtest/RESULTS.md)."""
+        """A decode session's job, on one CPU thread: the fused experts' steps then run at once
+        on different cores without contending (loadtest/RESULTS.md). Drafts are the exception
+        (`_AsyncSession.draft`)."""
         return await self._run(_single_threaded, partial(fn, *args))
 
     # -- generation --------------------------------------------------------------------------
@@ -281,7 +281,9 @@ class _AsyncSession:
         self._unsent.append((text, list(ids)))
 
     async def draft(self, n: int, k: int) -> list[NextTokens]:
-        return await self._engine._run_session(self._session.draft, self._take(), n, k)
+        # On every thread: the other experts wait for the draft, and a large model's step does
+        # gain from a second core (loadtest/RESULTS.md, Dynamic Logit Fusion).
+        return await self._engine._run(self._session.draft, self._take(), n, k)
 
     async def prefetch(
         self, pieces: Sequence[tuple[str, tuple[int, ...]]], *, every: bool = True

@@ -78,9 +78,11 @@ class TransformersSession:
         self.give(given)
         saved = self.answer.snapshot()
         views: list[NextTokens] = []
+        path: dict[int, torch.Tensor] = {}
         try:
             while len(views) < n:
                 view = self.top_k(k)
+                path[len(self.ids)] = self.ahead[len(self.ids)]
                 views.append(view)
                 top = max(view.candidates, key=lambda c: c.logprob)
                 if top.end:
@@ -88,6 +90,9 @@ class TransformersSession:
                 self.answer.add_ids(top.token_ids, top.text)
         finally:
             self.answer.restore(saved)
+            # `_sync` dropped the path's earlier logits as the draft's text grew; the steps that
+            # follow the draft ask for them again.
+            self.ahead.update(path)
         return views
 
     @torch.inference_mode()
