@@ -15,6 +15,7 @@ import openai
 import psutil
 import pytest
 
+from ensemble.dlf import LogitFusionStrategy
 from ensemble.errors import PromptTooLong
 from ensemble.fuse import FusionStrategy
 from ensemble.types import EnsembleTrace, GenerationChunk, GenerationRequest, SamplingParams
@@ -34,7 +35,10 @@ T = TypeVar("T")
 class Harness:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.engine = VllmEngine(NAME, load_config(VLLM_CONFIG).experts[NAME])  # type: ignore[arg-type]
+        config = load_config(VLLM_CONFIG).experts[NAME]
+        # Whole distributions, for the `dlf` test; nothing else here asks for more than 20.
+        args = {**config.engine_args, "max_logprobs": -1}  # type: ignore[union-attr]
+        self.engine = VllmEngine(NAME, config.model_copy(update={"engine_args": args}))  # type: ignore[arg-type]
         before = set(psutil.Process().children())
         started = time.perf_counter()
         self.run(self.engine.start())
@@ -254,6 +258,35 @@ def test_fuse_pool_over_vllm_and_transformers(vllm: Harness) -> None:
     assert trace.experts == [NAME, "smollm2-transformers"]
     assert vllm.engine.vocabulary == other.vocabulary  # one tokenizer: `kl_centroid` could apply
     assert vllm.engine.default_stop == ()
+
+
+def test_dlf_with_a_vllm_large_model_answers_as_it_when_the_specialist_is_its_base(
+    vllm: Harness,
+) -> None:
+    """`dlf` reads the large model's whole distribution from vLLM (`max_logprobs: -1`). With a
+    specialist equal to its base, M_t - M_S is 0, so the answer is vLLM's own greedy one."""
+    from serving.engines.transformers.engine import TransformersEngine
+
+    async def go() -> tuple[str, str, EnsembleTrace]:
+        config = load_config(DEFAULT_CONFIG).experts[NAME]
+        small = [TransformersEngine(name, config) for name in ("base", "same")]  # type: ignore[arg-type]
+        for engine in small:
+            await engine.start()
+        req = request(QUESTION, max_tokens=12, temperature=0.0)
+        trace = EnsembleTrace()
+        strategy = LogitFusionStrategy(large=NAME, base="base", max_tokens=12, draft_tokens=4)
+        try:
+            alone = "".join([c.text async for c in vllm.engine.generate(req)])
+            fused = "".join([c.text async for c in strategy.run(req, [vllm.engine, *small], trace)])
+        finally:
+            for engine in small:
+                await engine.aclose()
+        return alone, fused, trace
+
+    alone, fused, trace = vllm.run(go())
+    assert "Paris" in alone
+    assert fused == alone
+    assert trace.experts == [NAME, "base", "same"]
 
 
 def test_openai_sdk_against_the_server(served: ServerProcess) -> None:

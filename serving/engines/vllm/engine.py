@@ -267,7 +267,8 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         params, defaults = request.params, self.config.defaults
-        if params.logprobs and params.top_logprobs > self.max_logprobs:
+        # -1 is vLLM's "no limit" (the whole vocabulary).
+        if params.logprobs and -1 < self.max_logprobs < params.top_logprobs:
             raise RequestRejected(
                 f"expert {self.name} returns at most {self.max_logprobs} top_logprobs",
                 param="top_logprobs",
