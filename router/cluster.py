@@ -7,7 +7,7 @@ returns self, and routing before fitting raises `NotFittedError`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Self
+from typing import Literal, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -18,6 +18,9 @@ Float32Array = npt.NDArray[np.float32]
 FloatArray = npt.NDArray[np.float64]
 
 MIN_QUERIES_PER_CLUSTER = 8
+
+CostScale = Literal["cluster", "pool"]
+COST_SCALES: tuple[CostScale, ...] = ("cluster", "pool")
 
 
 class NotFittedError(RuntimeError):
@@ -128,6 +131,7 @@ class ClusterRouter:
         clusters_considered: int = 3,
         beta: float = 10.0,
         quality_weight: float = 1.0,
+        cost_scale: CostScale = "cluster",
     ) -> list[RouteDecision]:
         """Rank the experts for each query in X (n_queries, dim), best first, keeping `top_k`.
 
@@ -139,13 +143,21 @@ class ClusterRouter:
         The ranking is by A(m) alone when `quality_weight` is 1; below 1 it is Avengers-Pro's
         score alpha * (A(m) - min A) / (max A - min A) + (1 - alpha) * (1 - C(m) / max C), over
         this query's soft mixture of clusters (a query inside one cluster gets exactly the
-        per-cluster formula). `weights` are the top-K accuracies normalised to sum to 1.
+        per-cluster formula). With `cost_scale` "pool", max C is instead the highest expected cost
+        of any expert in any cluster, so a saving counts by its size: the clusters of long,
+        costly answers give way before those of one-token answers. `weights` are the top-K
+        accuracies normalised to sum to 1.
         """
         self._check_fitted()
         if not 0 <= quality_weight <= 1:
             raise ValueError(f"quality_weight must be in [0, 1], got {quality_weight}")
         if quality_weight < 1 and not self.has_costs:
             raise ValueError("this router was fitted without costs; quality_weight must be 1")
+        if cost_scale not in COST_SCALES:
+            raise ValueError(f"cost_scale must be one of {COST_SCALES}, got {cost_scale!r}")
+        pool_highest = None
+        if cost_scale == "pool" and self.has_costs:
+            pool_highest = float(self.cluster_costs_.max())
         X = np.atleast_2d(np.asarray(X, dtype=np.float32))
         distances = 1.0 - X @ self.centroids_.T
         m = min(clusters_considered, len(self.centroids_))
@@ -160,7 +172,11 @@ class ClusterRouter:
             cost = None
             if self.has_costs:
                 cost = self.global_costs_ if ood else p @ self.cluster_costs_[clusters]
-            ranking = accuracy if cost is None else trade_off(accuracy, cost, quality_weight)
+            ranking = (
+                accuracy
+                if cost is None
+                else trade_off(accuracy, cost, quality_weight, highest=pool_highest)
+            )
             order = np.argsort(-ranking, kind="stable")[:top_k]
             top = accuracy[order]
             weights = top / top.sum() if top.sum() > 0 else np.full(len(top), 1 / len(top))
@@ -177,15 +193,18 @@ class ClusterRouter:
         return decisions
 
 
-def trade_off(accuracy: FloatArray, cost: FloatArray, quality_weight: float) -> FloatArray:
-    """Avengers-Pro's score of each expert: normalised accuracy against relative cheapness.
+def trade_off(
+    accuracy: FloatArray, cost: FloatArray, quality_weight: float, *, highest: float | None = None
+) -> FloatArray:
+    """Avengers-Pro's score of each expert: normalised accuracy against relative cheapness,
+    `1 - cost / highest` (default: the highest of `cost`).
 
     With `quality_weight` 1 the result ranks exactly as `accuracy` does."""
     if quality_weight >= 1:
         return accuracy
     span = float(accuracy.max() - accuracy.min())
     quality = (accuracy - accuracy.min()) / span if span > 0 else np.ones_like(accuracy)
-    highest = float(cost.max())
+    highest = float(cost.max()) if highest is None else highest
     cheapness = 1 - cost / highest if highest > 0 else np.ones_like(cost)
     out: FloatArray = quality_weight * quality + (1 - quality_weight) * cheapness
     return out

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from router.cluster import ClusterRouter, Float32Array, FloatArray
+from router.cluster import ClusterRouter, CostScale, Float32Array, FloatArray
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +39,7 @@ class Curve:
     target: CurvePoint | None = None
     target_ratio: float | None = None
     notes: list[str] = field(default_factory=list)
+    cost_scale: CostScale = "cluster"
 
     @property
     def best_expert(self) -> str:
@@ -87,6 +88,7 @@ def compute_curve(
     grid: Sequence[float],
     clusters_considered: int = 3,
     beta: float = 10.0,
+    cost_scale: CostScale = "cluster",
     target: float | None = None,
 ) -> Curve:
     names = list(router.experts_)
@@ -102,6 +104,7 @@ def compute_curve(
             clusters_considered=clusters_considered,
             beta=beta,
             quality_weight=float(alpha),
+            cost_scale=cost_scale,
         )
         picks = np.array([names.index(d.experts[0]) for d in decisions])
         share = {n: float(np.mean(picks == j)) for j, n in enumerate(names)}
@@ -138,13 +141,13 @@ def compute_curve(
     mean_gain = float(np.mean(routed - mixed))
     gap = best[0] - cheapest[0]
     apgr = float(np.mean((routed - cheapest[0]) / gap)) if gap > 0 else float("nan")
-    curve = Curve(experts, points, mean_gain, apgr, above)
+    curve = Curve(experts, points, mean_gain, apgr, above, cost_scale=cost_scale)
     if target is not None:
         wanted = target * best[0]
         hits = [p for p in points if p.accuracy >= wanted - 1e-12]
         if hits:
             chosen = min(hits, key=lambda p: (p.cost, -p.accuracy))
             ratio = chosen.cost / best[1] if best[1] > 0 else None
-            return Curve(experts, points, mean_gain, apgr, above, chosen, ratio)
+            return replace(curve, target=chosen, target_ratio=ratio)
         curve.notes.append(f"no alpha on the grid keeps {target:.0%} of the best expert")
     return curve

@@ -4,6 +4,7 @@ from collections.abc import Sequence
 
 from ensemble.types import ChatMessage
 from router.artifact import RouterArtifact
+from router.cluster import CostScale
 from router.decision import RouteDecision
 from router.embedder import BatchingEmbedder
 from router.query import query_text
@@ -20,6 +21,7 @@ class SemanticRouter:
         top_k: int = 2,
         clusters_considered: int = 3,
         beta: float = 10.0,
+        cost_scale: CostScale = "cluster",
         include_system: bool = False,
         history_turns: int = 0,
     ) -> None:
@@ -28,6 +30,7 @@ class SemanticRouter:
         self.top_k = top_k
         self.clusters_considered = clusters_considered
         self.beta = beta
+        self.cost_scale: CostScale = cost_scale
         self.include_system = include_system
         self.history_turns = history_turns
 
@@ -48,4 +51,5 @@ class SemanticRouter:
             clusters_considered=self.clusters_considered,
             beta=self.beta,
             quality_weight=quality_weight,
+            cost_scale=self.cost_scale,
         )[0]

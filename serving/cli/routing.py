@@ -35,6 +35,9 @@ def add_parsers(commands: Any) -> None:
     )
     curve.add_argument("--grid", type=int, default=21, help="alphas from 0 to 1")
     curve.add_argument("--target", type=float, help="keep this share of the best expert's accuracy")
+    curve.add_argument(
+        "--cost-scale", choices=("cluster", "pool"), help="default: the pool's router setting"
+    )
     curve.add_argument("--out", type=Path, help="folder for curve.json and curve.png")
     curve.set_defaults(run=run_curve)
 
@@ -164,6 +167,7 @@ def run_curve(args: argparse.Namespace) -> int:
         grid=np.linspace(0, 1, args.grid).tolist(),
         clusters_considered=pool.router.clusters_considered,
         beta=pool.router.beta,
+        cost_scale=args.cost_scale or pool.router.cost_scale,
         target=args.target,
     )
     unit = next(iter(fitted.costs.values())).unit

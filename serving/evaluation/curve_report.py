@@ -19,6 +19,7 @@ def print_curve(curve: Curve, unit: str) -> None:
         shares = "  ".join(f"{p.share[n]:>14.0%}" for n in names)
         print(f"{p.quality_weight:>6.2f} {p.accuracy:>9.3f} {p.cost:>10.4g}  {shares}{mark}")
     print("(* on the Pareto front against every other point and every single expert)")
+    print(f"cost scale: {curve.cost_scale}")
     for name, (accuracy, cost) in curve.experts.items():
         print(f"expert {name}: accuracy {accuracy:.3f}, cost {cost:.4g} {unit} per query")
     print(

@@ -140,6 +140,7 @@ class Gateway:
             top_k=pool.router.top_k,
             clusters_considered=pool.router.clusters_considered,
             beta=pool.router.beta,
+            cost_scale=pool.router.cost_scale,
             include_system=settings.include_system,
             history_turns=settings.history_turns,
         )

@@ -23,6 +23,27 @@ def test_the_score_on_hand_made_clusters() -> None:
     assert np.argmax(trade_off(accuracy, cost, 0.0)) == 2  # cheapest
     assert trade_off(accuracy, cost, 1.0) is accuracy  # accuracy alone, untouched
     assert trade_off(np.array([0.5, 0.5]), np.array([4.0, 2.0]), 0.9)[1] > 0.9  # a tie: cost
+    # Against a pool-wide highest cost of 100 the same savings are small: accuracy wins.
+    pooled = trade_off(accuracy, cost, 0.5, highest=100.0)
+    assert pooled == pytest.approx([0.95, (2 / 3 + 0.98) / 2, 0.495])
+
+
+def test_a_pool_wide_cost_scale_gives_way_only_where_the_saving_is_large() -> None:
+    X, scores, labels = blobs(30, seed=3)
+    # One-token answers on clusters 0 and 1, long ones on cluster 2; the right expert costs
+    # twice the others everywhere.
+    costs = np.where(labels == 2, 100.0, 1.0)[:, None] * np.where(scores == 1, 2.0, 1.0)
+    router = ClusterRouter(n_clusters=3, prior_strength=0).fit(X, scores, EXPERTS, costs)
+    X_new, _, new_labels = blobs(10, seed=4)
+
+    def right(scale: str) -> list[bool]:
+        decisions = router.route(X_new, quality_weight=0.3, cost_scale=scale)  # type: ignore[arg-type]
+        return [d.experts[0] == EXPERTS[y] for d, y in zip(decisions, new_labels, strict=True)]
+
+    assert not any(right("cluster"))  # every cluster trades alike: the right expert loses
+    assert right("pool") == [y != 2 for y in new_labels]
+    with pytest.raises(ValueError, match="cost_scale must be one of"):
+        router.route(X_new, quality_weight=0.3, cost_scale="global")  # type: ignore[arg-type]
 
 
 def _fitted(with_costs: bool) -> ClusterRouter:

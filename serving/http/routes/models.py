@@ -37,6 +37,7 @@ async def list_models(request: Request) -> dict[str, Any]:
             "strategy": pool.strategy.type,
             "quality_weight": pool.quality_weight,
             "cost_aware": target.cost_aware,
+            "cost_scale": pool.router.cost_scale if pool.router else None,
             "max_fan_out": pool.max_fan_out,
         }
         cards.append(model_card(name, "chorus", state.created, chorus=meta))
