@@ -143,10 +143,11 @@ class ClusterRouter:
         The ranking is by A(m) alone when `quality_weight` is 1; below 1 it is Avengers-Pro's
         score alpha * (A(m) - min A) / (max A - min A) + (1 - alpha) * (1 - C(m) / max C), over
         this query's soft mixture of clusters (a query inside one cluster gets exactly the
-        per-cluster formula). With `cost_scale` "pool", max C is instead the highest expected cost
-        of any expert in any cluster, so a saving counts by its size: the clusters of long,
-        costly answers give way before those of one-token answers. `weights` are the top-K
-        accuracies normalised to sum to 1.
+        per-cluster formula). With `cost_scale` "pool", max A - min A is instead the spread of
+        accuracies over every cluster and max C the highest cost of any expert in any cluster,
+        so a gain and a saving count by their size: where the experts are nearly tied a small
+        saving wins, where one expert is far ahead only a large one does. `weights` are the
+        top-K accuracies normalised to sum to 1.
         """
         self._check_fitted()
         if not 0 <= quality_weight <= 1:
@@ -155,9 +156,13 @@ class ClusterRouter:
             raise ValueError("this router was fitted without costs; quality_weight must be 1")
         if cost_scale not in COST_SCALES:
             raise ValueError(f"cost_scale must be one of {COST_SCALES}, got {cost_scale!r}")
-        pool_highest = None
+        scale: dict[str, float] = {}
         if cost_scale == "pool" and self.has_costs:
-            pool_highest = float(self.cluster_costs_.max())
+            scores = self.cluster_scores_
+            scale = {
+                "span": float(scores.max() - scores.min()),
+                "highest": float(self.cluster_costs_.max()),
+            }
         X = np.atleast_2d(np.asarray(X, dtype=np.float32))
         distances = 1.0 - X @ self.centroids_.T
         m = min(clusters_considered, len(self.centroids_))
@@ -173,9 +178,7 @@ class ClusterRouter:
             if self.has_costs:
                 cost = self.global_costs_ if ood else p @ self.cluster_costs_[clusters]
             ranking = (
-                accuracy
-                if cost is None
-                else trade_off(accuracy, cost, quality_weight, highest=pool_highest)
+                accuracy if cost is None else trade_off(accuracy, cost, quality_weight, **scale)
             )
             order = np.argsort(-ranking, kind="stable")[:top_k]
             top = accuracy[order]
@@ -194,15 +197,20 @@ class ClusterRouter:
 
 
 def trade_off(
-    accuracy: FloatArray, cost: FloatArray, quality_weight: float, *, highest: float | None = None
+    accuracy: FloatArray,
+    cost: FloatArray,
+    quality_weight: float,
+    *,
+    span: float | None = None,
+    highest: float | None = None,
 ) -> FloatArray:
-    """Avengers-Pro's score of each expert: normalised accuracy against relative cheapness,
-    `1 - cost / highest` (default: the highest of `cost`).
+    """Avengers-Pro's score of each expert: accuracy above the lowest, over `span`, against
+    cheapness, `1 - cost / highest` (by default the spread and the highest of these experts').
 
     With `quality_weight` 1 the result ranks exactly as `accuracy` does."""
     if quality_weight >= 1:
         return accuracy
-    span = float(accuracy.max() - accuracy.min())
+    span = float(accuracy.max() - accuracy.min()) if span is None else span
     quality = (accuracy - accuracy.min()) / span if span > 0 else np.ones_like(accuracy)
     highest = float(cost.max()) if highest is None else highest
     cheapness = 1 - cost / highest if highest > 0 else np.ones_like(cost)

@@ -179,9 +179,10 @@ class PoolRouterConfig(_Model):
     beta: Annotated[float, Field(gt=0)] = 10.0
     """Sharpness of the soft assignment softmax(-beta * distance) over the nearest clusters."""
     cost_scale: Literal["cluster", "pool"] = "cluster"
-    """What a cost is weighed against when `quality_weight` < 1: `cluster`, the costliest of
-    the query's experts (Avengers-Pro: every cluster trades alike), or `pool`, the costliest
-    expert of any cluster (a saving counts by its size; docs/routing.md)."""
+    """How accuracy and cost are normalised when `quality_weight` < 1: `cluster`, against the
+    query's own experts (Avengers-Pro: every cluster trades alike), or `pool`, against the
+    spread of accuracies and the highest cost over all clusters (a gain and a saving count by
+    their size; docs/routing.md)."""
 
 
 class SingleStrategyConfig(_Model):

@@ -26,6 +26,11 @@ def test_the_score_on_hand_made_clusters() -> None:
     # Against a pool-wide highest cost of 100 the same savings are small: accuracy wins.
     pooled = trade_off(accuracy, cost, 0.5, highest=100.0)
     assert pooled == pytest.approx([0.95, (2 / 3 + 0.98) / 2, 0.495])
+    # A near tie (0.26 against 0.25) is a whole quality point inside its cluster, but 2% of a
+    # pool-wide spread of 0.5: at alpha 0.7 the expert three times cheaper then wins.
+    tied, dearer = np.array([0.26, 0.25]), np.array([6.0, 2.0])
+    assert np.argmax(trade_off(tied, dearer, 0.7)) == 0
+    assert trade_off(tied, dearer, 0.7, span=0.5, highest=6.0) == pytest.approx([0.014, 0.2])
 
 
 def test_a_pool_wide_cost_scale_gives_way_only_where_the_saving_is_large() -> None:
