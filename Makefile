@@ -61,7 +61,7 @@ $(ROUTER)/manifest.json: $(PUBLIC)/calibration-auto.jsonl $(VENV)/.installed
 
 # Benchmarks and sizes of the public splits (test: at least 40 long-answer items each).
 TEST_SPLIT ?= mmlu=150,arc_challenge=100,triviaqa=120,arithmetic=90,gsm8k=40,humaneval=40
-CALIBRATION_SPLIT ?= mmlu=150,arc_challenge=100,triviaqa=100,arithmetic=60,gsm8k=12,humaneval=12
+CALIBRATION_SPLIT ?= mmlu=600,arc_challenge=400,triviaqa=300,arithmetic=150,gsm8k=12,humaneval=12
 calibration: $(VENV)/.installed models
 	$(BIN)/chorus dataset --benchmarks $(TEST_SPLIT) --calibration $(CALIBRATION_SPLIT) \
 		--out-dir $(PUBLIC)

@@ -3,9 +3,10 @@
     .venv/bin/python loadtest/knob_bench.py [--config configs/default.yaml --pool auto]
 
 Routes the same queries through the serving path (micro-batcher + cluster router) at
-`quality_weight` 1 (today's ranking) and at 0.5 (Avengers-Pro's score), alternating query by
-query so machine noise hits both alike, and reports each one's p50/p99 and their ratio. The
-bare cluster router on precomputed vectors is timed the same way.
+`quality_weight` 1 (today's ranking) and at 0.5 (Avengers-Pro's score on the pool's
+`cost_scale`), alternating query by query so machine noise hits both alike, and reports each
+one's p50/p99 and their ratio. The bare cluster router on precomputed vectors is timed the
+same way.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ async def run(config_path: Path, pool: str, n: int) -> dict[str, object]:
     assert fitted.router.has_costs, "the pool's router was fitted without costs"
     embedder = load_embedder(config.router.embedder, config.router.backend)
     batcher = BatchingEmbedder(embedder, wait_ms=config.router.batch_wait_ms)
-    router = SemanticRouter(fitted, batcher, top_k=settings.top_k)
+    router = SemanticRouter(fitted, batcher, top_k=settings.top_k, cost_scale=settings.cost_scale)
     questions = [
         json.loads(line)["question"]
         for line in (ROOT / "configs" / "data" / "public" / "test.jsonl").read_text().splitlines()
@@ -60,7 +61,12 @@ async def run(config_path: Path, pool: str, n: int) -> dict[str, object]:
             await router.route([ChatMessage("user", q)], alpha)
             served[alpha].append(time.perf_counter() - started)
             started = time.perf_counter()
-            fitted.router.route(vectors[i % len(vectors)][None, :], top_k=2, quality_weight=alpha)
+            fitted.router.route(
+                vectors[i % len(vectors)][None, :],
+                top_k=2,
+                quality_weight=alpha,
+                cost_scale=settings.cost_scale,
+            )
             bare[alpha].append(time.perf_counter() - started)
     await batcher.aclose()
     out: dict[str, object] = {"queries": n}

@@ -448,6 +448,7 @@ def test_quality_weight_per_request_body_or_header(client: openai.OpenAI) -> Non
     costs = {e: models[e]["cost"]["per_million_completion_tokens"] for e in (SMOLLM2, GEMMA, QWEN)}
     assert cheap.model_extra["chorus"]["experts"][0] != QWEN and costs[QWEN] == max(costs.values())
     assert models["auto"]["cost_aware"] and models["auto"]["quality_weight"] == 1.0
+    assert models["auto"]["cost_scale"] == "pool"  # configs/default.yaml
     assert models[SMOLLM2]["cost"]["source"] == "measured by calibration"
     for bad, param in (
         ({"extra_body": {"quality_weight": 1.5}}, "quality_weight"),
