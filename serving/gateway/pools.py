@@ -113,8 +113,10 @@ class Gateway:
     def _observe_step(self, pool: str, step: Step) -> None:
         self.metrics.fusion_steps.labels(pool).inc()
         self.metrics.fusion_step_seconds.labels(pool).observe(step.seconds)
+        # The skip series exists from a pool's first step, so a skip share of 0 reads as 0.
+        skips = self.metrics.fusion_gate_skips.labels(pool)
         if step.gated:
-            self.metrics.fusion_gate_skips.labels(pool).inc()
+            skips.inc()
 
     def _cost_models(self) -> dict[str, CostModel]:
         """Each expert's cost: its price, else what a router's calibration measured for it
