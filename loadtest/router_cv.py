@@ -7,7 +7,8 @@ For each number of clusters K and each `cost_scale`, every record is routed by a
 on the other folds, at every `quality_weight` on a grid (no model calls: the records hold each
 expert's score and cost). Printed per (K, scale): accuracy at alpha 1, the cheapest alpha that
 keeps 95% of the best single expert's accuracy (as `chorus router curve --target 0.95`), the
-alphas more accurate and cheaper than that expert, and the mean accuracy above random mixing.
+alphas more accurate and cheaper than that expert, and the mean gain over random mixing (all
+as `chorus router curve` reckons them, `router/curve.py`).
 The test split is never read.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 from loadtest import ROOT
 from router.calibration import embed_all, load_calibration
 from router.cluster import COST_SCALES, ClusterRouter, CostScale, Float32Array, FloatArray
-from router.curve import random_mixing
+from router.curve import curve_from_picks
 from serving.config import load_config
 from serving.models.embedders import load_embedder
 
@@ -71,44 +72,56 @@ def main() -> None:
     data = load_calibration(args.data, experts)
     costs = data.costs(data.cost_models({}))
     X = embed_all(load_embedder(config.router.embedder, config.router.backend), data.queries)
-    rows = np.arange(len(X))
-    singles = {
-        e: (float(data.scores[:, j].mean()), float(costs[:, j].mean()))
-        for j, e in enumerate(experts)
-    }
-    best_accuracy, best_cost = max(singles.values())
+    # The repeats stacked as one set of records: each alpha's mean is the mean over repeats.
+    stacked_scores = np.tile(data.scores, (args.repeats, 1))
+    stacked_costs = np.tile(costs, (args.repeats, 1))
     print(f"{len(X)} records; each expert's (accuracy, cost per query):")
-    for name, (single_accuracy, single_cost) in singles.items():
-        print(f"  {name}: {single_accuracy:.3f}, {single_cost:.3f}")
+    for j, name in enumerate(experts):
+        print(f"  {name}: {data.scores[:, j].mean():.3f}, {costs[:, j].mean():.3f}")
     print("K  scale    alpha-1  target: alpha acc/best cost/best  gain  cheaper-and-better alphas")
     for k in (int(k) for k in args.clusters.split(",")):
         for scale in COST_SCALES:
-            accuracy = np.zeros(len(GRID))
-            cost = np.zeros(len(GRID))
-            for repeat in range(args.repeats):
-                picks = out_of_fold_picks(
-                    X, data.scores, costs, experts,
-                    clusters=k, scale=scale, folds=args.folds, seed=100 + repeat,
-                )  # fmt: skip
-                accuracy += data.scores[rows, picks].mean(axis=1) / args.repeats
-                cost += costs[rows, picks].mean(axis=1) / args.repeats
-            mixing = [random_mixing(singles, float(c)) for c in cost]
-            gain = float(np.mean(accuracy - np.array(mixing)))
-            keeps = [i for i in range(len(GRID)) if accuracy[i] >= 0.95 * best_accuracy - 1e-12]
+            picks = np.concatenate(
+                [
+                    out_of_fold_picks(
+                        X,
+                        data.scores,
+                        costs,
+                        experts,
+                        clusters=k,
+                        scale=scale,
+                        folds=args.folds,
+                        seed=100 + repeat,
+                    )
+                    for repeat in range(args.repeats)
+                ],
+                axis=1,
+            )
+            curve = curve_from_picks(
+                picks,
+                stacked_scores,
+                stacked_costs,
+                experts,
+                grid=GRID.tolist(),
+                cost_scale=scale,
+                target=0.95,
+            )
+            best_accuracy, best_cost = curve.experts[curve.best_expert]
             better = [
-                f"{GRID[i]:.2f}"
-                for i in range(len(GRID))
-                if accuracy[i] > best_accuracy and cost[i] < best_cost
+                f"{p.quality_weight:.2f}"
+                for p in curve.points
+                if p.accuracy > best_accuracy and p.cost < best_cost
             ]
             target = "none on the grid"
-            if keeps:
-                t = min(keeps, key=lambda i: (cost[i], -accuracy[i]))
+            if curve.target is not None and curve.target_ratio is not None:
+                t = curve.target
                 target = (
-                    f"{GRID[t]:.2f}  {accuracy[t] / best_accuracy:6.1%}  {cost[t] / best_cost:6.1%}"
+                    f"{t.quality_weight:.2f}  {t.accuracy / best_accuracy:6.1%}  "
+                    f"{curve.target_ratio:6.1%}"
                 )
             print(
-                f"{k:<2} {scale:8} {accuracy[-1]:.3f}    {target}  {gain:+.4f}  "
-                f"{' '.join(better) or '-'}",
+                f"{k:<2} {scale:8} {curve.points[-1].accuracy:.3f}    {target}  "
+                f"{curve.mean_gain:+.4f}  {' '.join(better) or '-'}",
                 flush=True,
             )
 

@@ -156,13 +156,10 @@ class ClusterRouter:
             raise ValueError("this router was fitted without costs; quality_weight must be 1")
         if cost_scale not in COST_SCALES:
             raise ValueError(f"cost_scale must be one of {COST_SCALES}, got {cost_scale!r}")
-        scale: dict[str, float] = {}
+        span = highest = None  # "cluster": each query's own experts
         if cost_scale == "pool" and self.has_costs:
-            scores = self.cluster_scores_
-            scale = {
-                "span": float(scores.max() - scores.min()),
-                "highest": float(self.cluster_costs_.max()),
-            }
+            span = float(self.cluster_scores_.max() - self.cluster_scores_.min())
+            highest = float(self.cluster_costs_.max())
         X = np.atleast_2d(np.asarray(X, dtype=np.float32))
         distances = 1.0 - X @ self.centroids_.T
         m = min(clusters_considered, len(self.centroids_))
@@ -178,7 +175,9 @@ class ClusterRouter:
             if self.has_costs:
                 cost = self.global_costs_ if ood else p @ self.cluster_costs_[clusters]
             ranking = (
-                accuracy if cost is None else trade_off(accuracy, cost, quality_weight, **scale)
+                accuracy
+                if cost is None
+                else trade_off(accuracy, cost, quality_weight, span=span, highest=highest)
             )
             order = np.argsort(-ranking, kind="stable")[:top_k]
             top = accuracy[order]

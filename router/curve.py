@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import numpy.typing as npt
 
 from router.cluster import ClusterRouter, CostScale, Float32Array, FloatArray
 
@@ -92,27 +93,51 @@ def compute_curve(
     target: float | None = None,
 ) -> Curve:
     names = list(router.experts_)
+    picks = np.array(
+        [
+            [
+                names.index(d.experts[0])
+                for d in router.route(
+                    X,
+                    top_k=1,
+                    clusters_considered=clusters_considered,
+                    beta=beta,
+                    quality_weight=float(alpha),
+                    cost_scale=cost_scale,
+                )
+            ]
+            for alpha in grid
+        ]
+    )
+    return curve_from_picks(
+        picks, scores, costs, names, grid=grid, cost_scale=cost_scale, target=target
+    )
+
+
+def curve_from_picks(
+    picks: npt.NDArray[np.int_],
+    scores: FloatArray,
+    costs: FloatArray,
+    names: Sequence[str],
+    *,
+    grid: Sequence[float],
+    cost_scale: CostScale = "cluster",
+    target: float | None = None,
+) -> Curve:
+    """The curve of routing decisions already made: `picks[i, r]` is the expert (a column of
+    `scores` and `costs`) that record r went to at `grid[i]`."""
     experts = {
         n: (float(scores[:, j].mean()), float(costs[:, j].mean())) for j, n in enumerate(names)
     }
-    rows = np.arange(len(X))
+    rows = np.arange(len(scores))
     points = []
-    for alpha in grid:
-        decisions = router.route(
-            X,
-            top_k=1,
-            clusters_considered=clusters_considered,
-            beta=beta,
-            quality_weight=float(alpha),
-            cost_scale=cost_scale,
-        )
-        picks = np.array([names.index(d.experts[0]) for d in decisions])
-        share = {n: float(np.mean(picks == j)) for j, n in enumerate(names)}
+    for alpha, row_picks in zip(grid, picks, strict=True):
+        share = {n: float(np.mean(row_picks == j)) for j, n in enumerate(names)}
         points.append(
             CurvePoint(
                 float(alpha),
-                float(scores[rows, picks].mean()),
-                float(costs[rows, picks].mean()),
+                float(scores[rows, row_picks].mean()),
+                float(costs[rows, row_picks].mean()),
                 share,
             )
         )
