@@ -178,4 +178,6 @@ class CascadeStrategy:
         trace.experts.extend(names)
         trace.weights.extend(shares[n] for n in names)
         trace.failed.extend(stepper.failed)
-        trace.cascade = CascadeSummary(names[-1], stepper.steps, shares, rounds.acceptance)
+        trace.cascade = CascadeSummary(
+            names[-1], stepper.steps, shares, rounds.acceptance, rounds.mean_length
+        )

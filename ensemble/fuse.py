@@ -255,6 +255,7 @@ class FusionStrategy:
             stepper.shares(),
             round(tally.gated / steps, 4) if len(engines) > 1 else 0.0,
             rounds.acceptance,
+            rounds.mean_length,
         )
 
     def _fuse(

@@ -368,6 +368,7 @@ class DraftRounds:
 
     most: int  # 1: no drafts, step by step
     length: int = 0
+    rounds: int = 0
     drafted: int = 0
     accepted: int = 0
 
@@ -375,6 +376,7 @@ class DraftRounds:
         self.length = min(4, self.most)
 
     def add(self, drafted: int, accepted: int) -> None:
+        self.rounds += 1
         self.drafted += drafted
         self.accepted += accepted
         grown = self.length + 1 if accepted == drafted else max(2, accepted + 1)
@@ -383,6 +385,10 @@ class DraftRounds:
     @property
     def acceptance(self) -> float | None:
         return round(self.accepted / self.drafted, 4) if self.drafted else None
+
+    @property
+    def mean_length(self) -> float | None:
+        return round(self.drafted / self.rounds, 4) if self.rounds else None
 
 
 async def speculative_steps(

@@ -144,25 +144,29 @@ class VoteSummary:
 @dataclass(frozen=True, slots=True)
 class FusionSummary:
     """How a fusion went: its weighting, steps taken, each expert's share of the chosen pieces,
-    the share of steps the primary decided alone, and the share of the primary's drafted pieces
-    that were chosen as drafted (None without speculative rounds)."""
+    the share of steps the primary decided alone, the share of the primary's drafted pieces that
+    were chosen as drafted, and the mean pieces drafted per round (both None without speculative
+    rounds)."""
 
     weighting: str
     steps: int
     share: dict[str, float]
     gate_skip_rate: float
     draft_acceptance: float | None = None
+    draft_length: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class CascadeSummary:
     """How a cascade went: its draft expert, steps taken, each expert's share of the pieces, and
-    the share of drafted pieces chosen as drafted (None without speculative rounds)."""
+    the share of drafted pieces chosen as drafted and the mean pieces drafted per round (both
+    None without speculative rounds)."""
 
     draft: str
     steps: int
     share: dict[str, float]
     draft_acceptance: float | None = None
+    draft_length: float | None = None
 
 
 @dataclass(slots=True)

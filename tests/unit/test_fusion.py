@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ensemble import fusion
+from ensemble.stepwise import DraftRounds
 from ensemble.types import Candidate, NextTokens
 
 
@@ -105,3 +106,17 @@ def test_kl_centroid_weights_of_identical_experts_keep_their_distribution() -> N
     p = np.log(np.array([0.5, 0.3, 0.2]))
     weights = fusion.kl_centroid_weights([p, p.copy()])
     assert fusion.log_linear([p, p], weights) == pytest.approx(p)
+
+
+def test_draft_rounds_follow_the_acceptance_and_report_the_mean_length() -> None:
+    rounds = DraftRounds(8)
+    assert (rounds.length, rounds.acceptance, rounds.mean_length) == (4, None, None)
+    rounds.add(4, 4)  # taken whole: one more
+    assert rounds.length == 5
+    rounds.add(5, 1)  # one past the accepted pieces, never under 2
+    assert rounds.length == 2
+    rounds.add(2, 0)
+    assert rounds.length == 2
+    assert rounds.acceptance == round(5 / 11, 4)
+    assert rounds.mean_length == round(11 / 3, 4)
+    assert DraftRounds(3).length == 3  # capped at the most
