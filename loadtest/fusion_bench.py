@@ -7,7 +7,8 @@ uniform at 0.5, and uniform and gated with drafts of up to 8 pieces), each `--to
 most; tokens/s is pieces chosen per second for fusion and tokens per second for the experts.
 The two-expert ceiling when both run one after the other on the same cores is 1 / (1/a + 1/b)
 for expert speeds a and b; fusion asks the experts at once, so it can pass that ceiling.
-`draft_acceptance` is the share of drafted pieces chosen as drafted.
+`drafts` gives, per prompt kind, the share of drafted pieces chosen as drafted (`acceptance`) and
+the mean pieces drafted per round (`length`), over the rounds.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ from loadtest import ROOT
 from serving.config import TransformersExpertConfig, load_config
 from serving.engines.transformers.engine import TransformersEngine
 
-PROMPTS = [
-    "Write a long story about a lighthouse keeper and the sea.",
-    "Explain how a bicycle works.",
-    "Write a Python function that checks whether a number is prime.",
-    "What is 12 times 7?",
-]
+PROMPTS = {  # by kind
+    "story": "Write a long story about a lighthouse keeper and the sea.",
+    "explanation": "Explain how a bicycle works.",
+    "code": "Write a Python function that checks whether a number is prime.",
+    "arithmetic": "What is 12 times 7?",
+}
 VARIANTS = {
     "uniform": FusionStrategy(weighting="uniform"),
     "core": FusionStrategy(weighting="core"),
@@ -78,9 +79,9 @@ async def main(tokens: int, rounds: int) -> None:
     made: dict[str, int] = defaultdict(int)
     spent: dict[str, float] = defaultdict(float)
     skips: dict[str, list[float]] = defaultdict(list)
-    accepted: dict[str, list[float]] = defaultdict(list)
+    drafts: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for _ in range(rounds):
-        for prompt in PROMPTS:
+        for kind, prompt in PROMPTS.items():
             params = SamplingParams(max_tokens=tokens, temperature=0.0)
             req = GenerationRequest("bench", (ChatMessage("user", prompt),), params)
             for name, engine in (("smollm2", smollm2), ("gemma", gemma)):
@@ -92,8 +93,8 @@ async def main(tokens: int, rounds: int) -> None:
                 made[name] += n
                 spent[name] += seconds
                 skips[name].append(details.gate_skip_rate)
-                if details.draft_acceptance is not None:
-                    accepted[name].append(details.draft_acceptance)
+                if details.draft_acceptance is not None and details.draft_length is not None:
+                    drafts[name][kind].append((details.draft_acceptance, details.draft_length))
     speed = {name: made[name] / spent[name] for name in made}
     a, b = speed["smollm2"], speed["gemma"]
     ceiling = 1 / (1 / a + 1 / b)
@@ -103,7 +104,16 @@ async def main(tokens: int, rounds: int) -> None:
         "of_ceiling": {k: round(speed[k] / ceiling, 3) for k in VARIANTS},
         "of_slower_expert": {k: round(speed[k] / min(a, b), 3) for k in VARIANTS},
         "gate_skip_rate": {k: round(sum(v) / len(v), 3) for k, v in skips.items()},
-        "draft_acceptance": {k: [round(a, 3) for a in v] for k, v in accepted.items()},
+        "drafts": {
+            name: {
+                kind: {
+                    "acceptance": round(sum(a for a, _ in runs) / len(runs), 3),
+                    "length": round(sum(n for _, n in runs) / len(runs), 2),
+                }
+                for kind, runs in by_kind.items()
+            }
+            for name, by_kind in drafts.items()
+        },
     }
     print(json.dumps(report, indent=2))
     await smollm2.aclose()
