@@ -27,8 +27,7 @@ from ensemble.types import (
     GenerationRequest,
     SamplingParams,
 )
-from loadtest import ROOT
-from serving.config import TransformersExpertConfig, load_config
+from loadtest.pair import start_pair
 from serving.engines.transformers.engine import TransformersEngine
 
 PROMPTS = {  # by kind
@@ -65,17 +64,7 @@ async def timed_fusion(
 
 
 async def main(tokens: int, rounds: int) -> None:
-    config = load_config(ROOT / "configs" / "default.yaml", check_artifacts=False)
-    smollm2_config, gemma_config = (
-        config.experts["smollm2-135m-instruct"],
-        config.experts["gemma3-270m"],
-    )
-    assert isinstance(smollm2_config, TransformersExpertConfig)
-    assert isinstance(gemma_config, TransformersExpertConfig)
-    smollm2 = TransformersEngine("smollm2-135m-instruct", smollm2_config)
-    gemma = TransformersEngine("gemma3-270m", gemma_config)
-    await smollm2.start()
-    await gemma.start()
+    smollm2, gemma = await start_pair()
     made: dict[str, int] = defaultdict(int)
     spent: dict[str, float] = defaultdict(float)
     skips: dict[str, list[float]] = defaultdict(list)

@@ -19,8 +19,7 @@ from collections import defaultdict
 
 from ensemble.fuse import FusionStrategy
 from ensemble.types import ChatMessage, EnsembleTrace, GenerationRequest, SamplingParams
-from loadtest import ROOT
-from serving.config import TransformersExpertConfig, load_config
+from loadtest.pair import start_pair
 from serving.engines.transformers.engine import TransformersEngine
 
 PROMPTS = [
@@ -52,13 +51,7 @@ async def fused(
 
 
 async def main(streams: int, tokens: int, rounds: int) -> None:
-    config = load_config(ROOT / "configs" / "default.yaml", check_artifacts=False)
-    engines = []
-    for name in ("smollm2-135m-instruct", "gemma3-270m"):
-        expert = config.experts[name]
-        assert isinstance(expert, TransformersExpertConfig)
-        engines.append(TransformersEngine(name, expert))
-        await engines[-1].start()
+    engines = await start_pair()
     prompts = (PROMPTS * streams)[:streams]
     await fused(VARIANTS["uniform"], prompts[0], 4, engines)  # warm-up
     made: dict[str, int] = defaultdict(int)

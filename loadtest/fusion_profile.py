@@ -40,8 +40,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loadtest import ROOT
-from serving.config import TransformersExpertConfig, load_config
+from loadtest.pair import pair_configs
+from serving.config import TransformersExpertConfig
 from serving.models import bundled
 
 PROMPT = "Write a long story about a lighthouse keeper and the sea. Once upon a time, there was"
@@ -133,12 +133,7 @@ def gated_bound(small: dict[str, float], large: dict[str, float], pair: float) -
 
 
 def main(reps: int) -> None:
-    config = load_config(ROOT / "configs" / "default.yaml", check_artifacts=False)
-    experts = {}
-    for name in ("smollm2-135m-instruct", "gemma3-270m"):
-        expert_config = config.experts[name]
-        assert isinstance(expert_config, TransformersExpertConfig)
-        experts[name] = Expert(expert_config)
+    experts = {name: Expert(expert) for name, expert in pair_configs().items()}
     small, large = experts["smollm2-135m-instruct"], experts["gemma3-270m"]
     rows = {name: profile(expert, reps) for name, expert in experts.items()}
     pair = both_at_once(small, large, reps)

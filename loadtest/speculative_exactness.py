@@ -22,7 +22,7 @@ from ensemble.cascade import CascadeStrategy
 from ensemble.fuse import FusionStrategy
 from ensemble.types import ChatMessage, EnsembleTrace, GenerationRequest, SamplingParams
 from loadtest import ROOT
-from serving.config import TransformersExpertConfig, load_config
+from loadtest.pair import start_pair
 from serving.engines.transformers.engine import TransformersEngine
 
 Strategy = FusionStrategy | CascadeStrategy
@@ -63,13 +63,7 @@ async def answer(
 
 
 async def main(per_category: int, tokens: int) -> None:
-    config = load_config(ROOT / "configs" / "default.yaml", check_artifacts=False)
-    engines = []
-    for name in ("smollm2-135m-instruct", "gemma3-270m"):
-        expert = config.experts[name]
-        assert isinstance(expert, TransformersExpertConfig)
-        engines.append(TransformersEngine(name, expert))
-        await engines[-1].start()
+    engines = await start_pair()
     order = {"cascade": engines[::-1]}  # a cascade's strong expert first, its draft last
     same: dict[str, list[bool]] = defaultdict(list)
     accepted: dict[str, list[float]] = defaultdict(list)
